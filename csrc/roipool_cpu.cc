@@ -1,0 +1,508 @@
+// CPU kernels of roi_pool behind the XLA FFI: the forward pass with argmax,
+// the gather at argmax (JVP tangent) and the scatter-add at argmax (its
+// transpose). Work is split over XLA's intra-op thread pool.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "roipool_geometry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace roipool {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Element types. 16-bit floats arrive as raw bits; they are compared and
+// accumulated in float, and outputs of the max are copied bit-exactly.
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+template <typename T>
+struct Element {  // float and double
+  using Acc = T;
+  static Acc load(T v) { return v; }
+  static T store(Acc v) { return v; }
+};
+
+template <>
+struct Element<Half> {
+  using Acc = float;
+  static float load(Half v) {
+    _Float16 h;
+    std::memcpy(&h, &v.bits, sizeof(h));
+    return static_cast<float>(h);
+  }
+  static Half store(float v) {
+    const _Float16 h = static_cast<_Float16>(v);
+    Half out;
+    std::memcpy(&out.bits, &h, sizeof(h));
+    return out;
+  }
+};
+
+template <>
+struct Element<BFloat16> {
+  using Acc = float;
+  static float load(BFloat16 v) {
+    const uint32_t u = uint32_t(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+  static BFloat16 store(float v) {  // round to nearest even
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    if (v != v) return BFloat16{uint16_t((u >> 16) | 0x40)};
+    u += 0x7fff + ((u >> 16) & 1);
+    return BFloat16{uint16_t(u >> 16)};
+  }
+};
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) for the element type of a feature-like buffer.
+template <typename F>
+ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
+  switch (dtype) {
+    case ffi::DataType::F16:
+      return fn(TypeTag<Half>{});
+    case ffi::DataType::BF16:
+      return fn(TypeTag<BFloat16>{});
+    case ffi::DataType::F32:
+      return fn(TypeTag<float>{});
+    case ffi::DataType::F64:
+      return fn(TypeTag<double>{});
+    default:
+      return ffi::Error::InvalidArgument(
+          "roi_pool: values must be float16, bfloat16, float32 or float64");
+  }
+}
+
+// Calls fn(TypeTag<C>{}) for the coordinate type of the rois buffer.
+template <typename F>
+ffi::Error dispatch_coord_type(ffi::DataType dtype, F&& fn) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      return fn(TypeTag<float>{});
+    case ffi::DataType::F64:
+      return fn(TypeTag<double>{});
+    default:
+      return ffi::Error::InvalidArgument(
+          "roi_pool: rois must be float32 or float64");
+  }
+}
+
+// True when `candidate` should replace the running maximum `best`: strictly
+// greater (ties keep the first cell in row-major order), or the first NaN.
+template <typename A>
+inline bool replaces_max(A candidate, A best) {
+  return candidate > best || (candidate != candidate && best == best);
+}
+
+// ---------------------------------------------------------------------------
+// Parallel loop over [0, count) in chunks of `grain` on XLA's intra-op pool.
+// The calling thread takes chunks too and waits only for chunks that were
+// claimed, so it never blocks on a task the pool has not started; late tasks
+// find no chunk left and return without touching `body`.
+
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t grain,
+                  const F& body) {
+  if (count <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = (count + grain - 1) / grain;
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), chunks - 1);
+  if (helpers <= 0) {
+    body(0, count);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  auto run_chunks = [state, chunks, count, grain, &body]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
+      body(i * grain, std::min(count, (i + 1) * grain));
+      if (state->done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = run_chunks;  // Schedule takes ownership of a copy
+    pool.Schedule(std::move(task));
+  }
+  run_chunks();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->finished.wait(lock, [&] { return state->done.load() == chunks; });
+}
+
+// A grain that gives each worker several chunks for load balance.
+int64_t grain_for(ffi::ThreadPool& pool, int64_t count) {
+  const int64_t workers = std::max<int64_t>(pool.num_threads(), 0) + 1;
+  return std::max<int64_t>(1, count / (8 * workers));
+}
+
+// ---------------------------------------------------------------------------
+// Shapes. Output-shaped buffers are [R, PH, PW, C] (NHWC) or [R, C, PH, PW]
+// (NCHW); feature-shaped ones [N, H, W, C] or [N, C, H, W].
+
+struct FeatureShape {
+  int64_t n, h, w, c;
+};
+struct PooledShape {
+  int64_t r, ph, pw, c;
+};
+
+FeatureShape feature_shape(ffi::Span<const int64_t> d, int32_t layout) {
+  return layout == kNHWC ? FeatureShape{d[0], d[1], d[2], d[3]}
+                         : FeatureShape{d[0], d[2], d[3], d[1]};
+}
+PooledShape pooled_shape(ffi::Span<const int64_t> d, int32_t layout) {
+  return layout == kNHWC ? PooledShape{d[0], d[1], d[2], d[3]}
+                         : PooledShape{d[0], d[2], d[3], d[1]};
+}
+
+ffi::Error check_layout(int32_t layout) {
+  if (layout != kNHWC && layout != kNCHW)
+    return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
+  return ffi::Error::Success();
+}
+
+// Offset of (cell, channel) in a feature-shaped buffer, where cell is the
+// flat (n * H + h) * W + w index stored in argmax.
+inline int64_t cell_offset(int64_t cell, int64_t c, const FeatureShape& f,
+                           int32_t layout) {
+  if (layout == kNHWC) return cell * f.c + c;
+  const int64_t plane = f.h * f.w;
+  return ((cell / plane) * f.c + c) * plane + cell % plane;
+}
+
+// ---------------------------------------------------------------------------
+// Forward: max over each bin, and its cell index.
+
+template <typename T, typename C>
+void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
+                  const FeatureShape& f, const PooledShape& p, C scale,
+                  int32_t bins, int64_t roi_begin, int64_t roi_end) {
+  using Acc = typename Element<T>::Acc;
+  std::vector<Acc> best(f.c);
+  std::vector<int32_t> best_cell(f.c);
+  for (int64_t r = roi_begin; r < roi_end; ++r) {
+    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
+                                          int32_t(p.ph), int32_t(p.pw), bins);
+    const T* image = features + g.batch * f.h * f.w * f.c;
+    for (int32_t ph = 0; ph < p.ph; ++ph) {
+      const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
+      for (int32_t pw = 0; pw < p.pw; ++pw) {
+        const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
+        const int64_t o = ((r * p.ph + ph) * p.pw + pw) * f.c;
+        if (!g.valid || sy.empty() || sx.empty()) {
+          std::fill(out + o, out + o + f.c, Element<T>::store(Acc(0)));
+          std::fill(argmax + o, argmax + o + f.c, -1);
+          continue;
+        }
+        const int32_t row0 = int32_t(g.batch * f.h);
+        bool first = true;
+        for (int32_t h = sy.begin; h < sy.end; ++h) {
+          for (int32_t w = sx.begin; w < sx.end; ++w) {
+            const T* px = image + (int64_t(h) * f.w + w) * f.c;
+            const int32_t cell = (row0 + h) * int32_t(f.w) + w;
+            if (first) {
+              for (int64_t c = 0; c < f.c; ++c) {
+                best[c] = Element<T>::load(px[c]);
+                best_cell[c] = cell;
+              }
+              first = false;
+              continue;
+            }
+            for (int64_t c = 0; c < f.c; ++c) {
+              const Acc v = Element<T>::load(px[c]);
+              const bool take = replaces_max(v, best[c]);
+              best[c] = take ? v : best[c];
+              best_cell[c] = take ? cell : best_cell[c];
+            }
+          }
+        }
+        const T* batch0 = features;
+        for (int64_t c = 0; c < f.c; ++c) {
+          out[o + c] = batch0[int64_t(best_cell[c]) * f.c + c];  // bit-exact
+          argmax[o + c] = best_cell[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename C>
+void forward_nchw(const T* features, const C* rois, T* out, int32_t* argmax,
+                  const FeatureShape& f, const PooledShape& p, C scale,
+                  int32_t bins, int64_t roi_begin, int64_t roi_end) {
+  using Acc = typename Element<T>::Acc;
+  std::vector<Span> rows(p.ph), cols(p.pw);
+  const int64_t plane = f.h * f.w;
+  for (int64_t r = roi_begin; r < roi_end; ++r) {
+    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
+                                          int32_t(p.ph), int32_t(p.pw), bins);
+    for (int32_t ph = 0; ph < p.ph; ++ph)
+      rows[ph] = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
+    for (int32_t pw = 0; pw < p.pw; ++pw)
+      cols[pw] = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
+    const int32_t cell0 = int32_t(g.batch * plane);
+    for (int64_t c = 0; c < f.c; ++c) {
+      const T* src = features + (g.batch * f.c + c) * plane;
+      for (int32_t ph = 0; ph < p.ph; ++ph) {
+        const Span sy = rows[ph];
+        for (int32_t pw = 0; pw < p.pw; ++pw) {
+          const Span sx = cols[pw];
+          const int64_t o = ((r * f.c + c) * p.ph + ph) * p.pw + pw;
+          if (!g.valid || sy.empty() || sx.empty()) {
+            out[o] = Element<T>::store(Acc(0));
+            argmax[o] = -1;
+            continue;
+          }
+          int32_t best_hw = sy.begin * int32_t(f.w) + sx.begin;
+          Acc best = Element<T>::load(src[best_hw]);
+          for (int32_t h = sy.begin; h < sy.end; ++h) {
+            for (int32_t w = sx.begin; w < sx.end; ++w) {
+              const int32_t hw = h * int32_t(f.w) + w;
+              const Acc v = Element<T>::load(src[hw]);
+              if (replaces_max(v, best)) {
+                best = v;
+                best_hw = hw;
+              }
+            }
+          }
+          out[o] = src[best_hw];  // bit-exact
+          argmax[o] = cell0 + best_hw;
+        }
+      }
+    }
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
+                   ffi::AnyBuffer rois, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::Buffer<ffi::S32>> argmax, int32_t pooled_h,
+                   int32_t pooled_w, double spatial_scale, int32_t layout,
+                   int32_t bins) {
+  if (auto err = check_layout(layout); err.failure()) return err;
+  const auto fd = features.dimensions();
+  const auto rd = rois.dimensions();
+  if (fd.size() != 4 || rd.size() != 2 || rd[1] != 5)
+    return ffi::Error::InvalidArgument(
+        "roi_pool: features must be rank 4 and rois [R, 5]");
+  if (bins != kFastRcnn && bins != kPartition)
+    return ffi::Error::InvalidArgument("roi_pool: unknown bins code");
+  const FeatureShape f = feature_shape(fd, layout);
+  const PooledShape p{rd[0], pooled_h, pooled_w, f.c};
+  return dispatch_value_type(features.element_type(), [&](auto value_tag) {
+    using T = typename decltype(value_tag)::type;
+    return dispatch_coord_type(rois.element_type(), [&](auto coord_tag) {
+      using C = typename decltype(coord_tag)::type;
+      const T* x = reinterpret_cast<const T*>(features.untyped_data());
+      const C* boxes = reinterpret_cast<const C*>(rois.untyped_data());
+      T* y = reinterpret_cast<T*>(out->untyped_data());
+      int32_t* idx = argmax->typed_data();
+      const C scale = C(spatial_scale);
+      parallel_for(pool, p.r, grain_for(pool, p.r),
+                   [&](int64_t begin, int64_t end) {
+                     if (layout == kNHWC)
+                       forward_nhwc(x, boxes, y, idx, f, p, scale, bins,
+                                    begin, end);
+                     else
+                       forward_nchw(x, boxes, y, idx, f, p, scale, bins,
+                                    begin, end);
+                   });
+      return ffi::Error::Success();
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Gather at argmax: out[o] = source[cell(argmax[o]), channel(o)], 0 if -1.
+
+ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
+                  ffi::Buffer<ffi::S32> argmax, ffi::Result<ffi::AnyBuffer> out,
+                  int32_t layout) {
+  if (auto err = check_layout(layout); err.failure()) return err;
+  if (source.dimensions().size() != 4 || argmax.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("roi_pool gather: rank-4 operands");
+  const FeatureShape f = feature_shape(source.dimensions(), layout);
+  const PooledShape p = pooled_shape(argmax.dimensions(), layout);
+  return dispatch_value_type(source.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* src = reinterpret_cast<const T*>(source.untyped_data());
+    const int32_t* idx = argmax.typed_data();
+    T* y = reinterpret_cast<T*>(out->untyped_data());
+    const int64_t total = p.r * p.ph * p.pw * p.c;
+    const int64_t bin_plane = p.ph * p.pw;
+    parallel_for(pool, total, grain_for(pool, total),
+                 [&](int64_t begin, int64_t end) {
+                   for (int64_t o = begin; o < end; ++o) {
+                     const int64_t c = layout == kNHWC
+                                           ? o % p.c
+                                           : (o / bin_plane) % p.c;
+                     y[o] = idx[o] < 0
+                                ? Element<T>::store(0)
+                                : src[cell_offset(idx[o], c, f, layout)];
+                   }
+                 });
+    return ffi::Error::Success();
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Scatter-add at argmax. Each worker owns a block of channels, so no two
+// workers ever write the same element: no atomics, and a fixed summation
+// order (deterministic). 16-bit types accumulate in a float buffer.
+
+template <typename T>
+void scatter_channels(const T* cot, const int32_t* idx,
+                      typename Element<T>::Acc* acc, const FeatureShape& f,
+                      const PooledShape& p, int32_t layout, int64_t c_begin,
+                      int64_t c_end) {
+  using Acc = typename Element<T>::Acc;
+  const int64_t cells = f.n * f.h * f.w;
+  const int64_t bins = p.r * p.ph * p.pw;
+  if (layout == kNHWC) {
+    for (int64_t cell = 0; cell < cells; ++cell)
+      std::fill(acc + cell * f.c + c_begin, acc + cell * f.c + c_end, Acc(0));
+    for (int64_t b = 0; b < bins; ++b) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t o = b * p.c + c;
+        if (idx[o] >= 0)
+          acc[int64_t(idx[o]) * f.c + c] += Element<T>::load(cot[o]);
+      }
+    }
+    return;
+  }
+  const int64_t plane = f.h * f.w;
+  const int64_t bin_plane = p.ph * p.pw;
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    for (int64_t n = 0; n < f.n; ++n) {
+      Acc* dst = acc + (n * f.c + c) * plane;
+      std::fill(dst, dst + plane, Acc(0));
+    }
+    for (int64_t r = 0; r < p.r; ++r) {
+      const int64_t o0 = (r * p.c + c) * bin_plane;
+      for (int64_t k = 0; k < bin_plane; ++k) {
+        const int32_t cell = idx[o0 + k];
+        if (cell >= 0)
+          acc[cell_offset(cell, c, f, layout)] += Element<T>::load(cot[o0 + k]);
+      }
+    }
+  }
+}
+
+// Converts the channels [c_begin, c_end) of a float accumulator to T.
+template <typename T>
+void store_channels(const float* acc, T* grad, const FeatureShape& f,
+                    int32_t layout, int64_t c_begin, int64_t c_end) {
+  const int64_t cells = f.n * f.h * f.w;
+  for (int64_t cell = 0; cell < cells; ++cell)
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t at = cell_offset(cell, c, f, layout);
+      grad[at] = Element<T>::store(acc[at]);
+    }
+}
+
+ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
+                   ffi::Buffer<ffi::S32> argmax,
+                   ffi::Result<ffi::AnyBuffer> grad, int32_t layout) {
+  if (auto err = check_layout(layout); err.failure()) return err;
+  if (cotangent.dimensions().size() != 4 || grad->dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("roi_pool scatter: rank-4 operands");
+  const FeatureShape f = feature_shape(grad->dimensions(), layout);
+  const PooledShape p = pooled_shape(cotangent.dimensions(), layout);
+  return dispatch_value_type(cotangent.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = typename Element<T>::Acc;
+    const T* cot = reinterpret_cast<const T*>(cotangent.untyped_data());
+    const int32_t* idx = argmax.typed_data();
+    T* out = reinterpret_cast<T*>(grad->untyped_data());
+    constexpr bool kSeparateAcc = !std::is_same_v<T, Acc>;
+    std::vector<Acc> scratch(kSeparateAcc ? grad->element_count() : 0);
+    Acc* acc = kSeparateAcc ? scratch.data() : reinterpret_cast<Acc*>(out);
+    // Channel blocks of 16 keep each worker's writes on separate cache lines
+    // in NHWC.
+    const int64_t block = 16;
+    const int64_t blocks = (f.c + block - 1) / block;
+    parallel_for(pool, blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t c0 = begin * block, c1 = std::min(f.c, end * block);
+      scatter_channels(cot, idx, acc, f, p, layout, c0, c1);
+      if constexpr (kSeparateAcc) store_channels(acc, out, f, layout, c0, c1);
+    });
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+}  // namespace roipool
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolForwardCpu, roipool::Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("pooled_h")
+                                  .Attr<int32_t>("pooled_w")
+                                  .Attr<double>("spatial_scale")
+                                  .Attr<int32_t>("layout")
+                                  .Attr<int32_t>("bins"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolGatherCpu, roipool::Gather,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolScatterCpu, roipool::Scatter,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("layout"));
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "jax_roipool CPU kernels (XLA FFI handlers)";
+  m.def("registrations", []() {
+    pybind11::dict handlers;
+    handlers["roipool_forward"] =
+        pybind11::capsule(reinterpret_cast<void*>(RoipoolForwardCpu));
+    handlers["roipool_gather"] =
+        pybind11::capsule(reinterpret_cast<void*>(RoipoolGatherCpu));
+    handlers["roipool_scatter"] =
+        pybind11::capsule(reinterpret_cast<void*>(RoipoolScatterCpu));
+    return handlers;
+  });
+  m.def("build_jaxlib_version", []() { return JAXLIB_BUILD_VERSION; });
+}

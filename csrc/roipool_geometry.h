@@ -1,0 +1,151 @@
+// Bin geometry of RoI max pooling, shared by the CPU and the CUDA kernels so
+// that both pick exactly the same cells for every bin.
+//
+// C is the coordinate type: float for float16/bfloat16/float32 rois (the
+// Python side upcasts 16-bit rois), double for float64 rois. Every formula is
+// evaluated in C exactly as written (no reciprocal multiplication, no fused
+// operations that could move a bin edge by one cell).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ROIPOOL_HD __host__ __device__ __forceinline__
+#else
+#define ROIPOOL_HD inline
+#endif
+
+namespace roipool {
+
+// Values of the `layout` and `bins` attributes of every FFI handler.
+enum Layout : int32_t { kNHWC = 0, kNCHW = 1 };
+enum Bins : int32_t { kFastRcnn = 0, kPartition = 1 };
+
+// Scaled corners are clamped to +-2^28 before integer conversion: far outside
+// any feature map, yet small enough that the int32 sums below cannot overflow.
+constexpr int32_t kCornerLimit = 1 << 28;
+
+// Half-open range of cells [begin, end) along one axis, already clipped to
+// the feature map.
+struct Span {
+  int32_t begin;
+  int32_t end;
+  ROIPOOL_HD bool empty() const { return end <= begin; }
+};
+
+// One axis of one RoI: the region starts at cell `origin` (unclipped) and is
+// `length` cells long; `bin_size` is length / pooled (fast_rcnn only).
+template <typename C>
+struct Axis {
+  int32_t origin;
+  int32_t length;
+  C bin_size;
+};
+
+// A decoded RoI. When `valid` is false (batch index outside [0, N), or a
+// non-finite scaled coordinate) every bin is empty: output 0, argmax -1.
+template <typename C>
+struct RoiGrid {
+  bool valid;
+  int64_t batch;
+  Axis<C> y;
+  Axis<C> x;
+};
+
+ROIPOOL_HD float round_half_away(float v) { return roundf(v); }
+ROIPOOL_HD double round_half_away(double v) { return round(v); }
+ROIPOOL_HD float floor_of(float v) { return floorf(v); }
+ROIPOOL_HD double floor_of(double v) { return floor(v); }
+ROIPOOL_HD float ceil_of(float v) { return ceilf(v); }
+ROIPOOL_HD double ceil_of(double v) { return ceil(v); }
+
+// True for finite values; NaN and +-inf give NaN when subtracted from
+// themselves. Written without isfinite so host and device agree trivially.
+template <typename C>
+ROIPOOL_HD bool is_finite(C v) {
+  return v - v == C(0);
+}
+
+// Scaled corner -> integer cell coordinate, rounding half away from zero
+// (C `round`), clamped so that the conversion is always defined.
+template <typename C>
+ROIPOOL_HD int32_t corner_cell(C scaled) {
+  const C limit = C(kCornerLimit);
+  C r = round_half_away(scaled);
+  r = r < -limit ? -limit : (r > limit ? limit : r);
+  return static_cast<int32_t>(r);
+}
+
+template <typename C>
+ROIPOOL_HD Axis<C> make_axis(C lo, C hi, int32_t pooled, int32_t bins) {
+  Axis<C> a;
+  a.origin = corner_cell(lo);
+  const int32_t last = corner_cell(hi);
+  if (bins == kFastRcnn) {
+    // Caffe / torchvision: integer corners are inclusive; malformed boxes
+    // become one cell wide.
+    const int32_t len = last - a.origin + 1;
+    a.length = len > 1 ? len : 1;
+  } else {
+    // Seed article: corners are pixel corners, the end is exclusive.
+    const int32_t len = last - a.origin;
+    a.length = len > 0 ? len : 0;
+  }
+  a.bin_size = C(a.length) / C(pooled);
+  return a;
+}
+
+// Decodes one row (batch_index, x1, y1, x2, y2) of the rois array.
+template <typename C>
+ROIPOOL_HD RoiGrid<C> make_roi_grid(const C* roi, C spatial_scale,
+                                    int64_t batch_size, int32_t pooled_h,
+                                    int32_t pooled_w, int32_t bins) {
+  RoiGrid<C> g;
+  const C b = roi[0];
+  const C x1 = roi[1] * spatial_scale;
+  const C y1 = roi[2] * spatial_scale;
+  const C x2 = roi[3] * spatial_scale;
+  const C y2 = roi[4] * spatial_scale;
+  // Batch index truncates toward zero (as a C cast); NaN fails both tests.
+  g.valid = batch_size > 0 && b > C(-1) && b < C(batch_size) && is_finite(x1) &&
+            is_finite(y1) && is_finite(x2) && is_finite(y2);
+  g.batch = g.valid ? static_cast<int64_t>(b) : 0;
+  if (!g.valid) {
+    g.y = Axis<C>{0, 0, C(0)};
+    g.x = Axis<C>{0, 0, C(0)};
+    return g;
+  }
+  g.y = make_axis(y1, y2, pooled_h, bins);
+  g.x = make_axis(x1, x2, pooled_w, bins);
+  return g;
+}
+
+ROIPOOL_HD int32_t clip_cell(int32_t v, int32_t extent) {
+  return v < 0 ? 0 : (v > extent ? extent : v);
+}
+
+// Cells of bin `i` (of `pooled`) along one axis of extent `extent`.
+template <typename C>
+ROIPOOL_HD Span bin_span(const Axis<C>& a, int32_t i, int32_t pooled,
+                         int32_t extent, int32_t bins) {
+  int32_t begin, end;
+  if (bins == kFastRcnn) {
+    // Bins overlap: [floor(i * bin), ceil((i + 1) * bin)) from the origin.
+    begin = static_cast<int32_t>(floor_of(C(i) * a.bin_size));
+    end = static_cast<int32_t>(ceil_of(C(i + 1) * a.bin_size));
+  } else {
+    // Non-overlapping sections [floor(i*L/P), floor((i+1)*L/P)), exact in
+    // integers. When the region is shorter than the output, an empty section
+    // takes the one cell at its start, which still lies inside the region.
+    begin = static_cast<int32_t>(int64_t(i) * a.length / pooled);
+    end = static_cast<int32_t>(int64_t(i + 1) * a.length / pooled);
+    if (a.length > 0 && end <= begin) end = begin + 1;
+  }
+  Span s;
+  s.begin = clip_cell(begin + a.origin, extent);
+  s.end = clip_cell(end + a.origin, extent);
+  return s;
+}
+
+}  // namespace roipool

@@ -1,0 +1,130 @@
+"""Trace-time validation and normalisation of roi_pool's arguments."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ("NHWC", "NCHW")
+BIN_MODES = ("fast_rcnn", "partition")
+VALUE_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+# argmax stores flat cell indices (n * H + h) * W + w in int32.
+MAX_CELLS = 2**31 - 1
+# Bound on each output dimension: keeps the pure-JAX partition arithmetic in
+# uint32 and every bin index exact in float32.
+MAX_POOLED = 65535
+
+
+class Config(NamedTuple):
+    """Static parameters of one roi_pool call (hashable: they are primitive params)."""
+
+    pooled: tuple[int, int]
+    spatial_scale: float
+    layout: str
+    bins: str
+
+
+def check_config(output_size, spatial_scale, layout, bins) -> Config:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"roi_pool: layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(bins, str) or bins not in BIN_MODES:
+        raise ValueError(f"roi_pool: bins must be one of {BIN_MODES}, got {bins!r}")
+    return Config(_check_output_size(output_size), _check_scale(spatial_scale), layout, bins)
+
+
+def _check_output_size(output_size) -> tuple[int, int]:
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+    if len(sizes) != 2:
+        raise ValueError(f"roi_pool: output_size must be an int or a pair (PH, PW), got {output_size!r}")
+    pooled = []
+    for s in sizes:
+        if isinstance(s, bool):
+            raise TypeError(f"roi_pool: output_size must hold integers, got {output_size!r}")
+        try:
+            s = operator.index(s)
+        except TypeError:
+            raise TypeError(f"roi_pool: output_size must hold integers, got {output_size!r}") from None
+        if not 1 <= s <= MAX_POOLED:
+            raise ValueError(f"roi_pool: output_size must be in [1, {MAX_POOLED}], got {output_size!r}")
+        pooled.append(s)
+    return (pooled[0], pooled[1])
+
+
+def _check_scale(spatial_scale) -> float:
+    if isinstance(spatial_scale, jax.core.Tracer):
+        raise TypeError("roi_pool: spatial_scale must be a static Python number, not a traced value")
+    try:
+        scale = float(spatial_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"roi_pool: spatial_scale must be a number, got {spatial_scale!r}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"roi_pool: spatial_scale must be finite and positive, got {spatial_scale!r}")
+    return scale
+
+
+def check_features(features, layout: str) -> jax.Array:
+    features = jnp.asarray(features)
+    if features.ndim != 4:
+        dims = "[N, H, W, C]" if layout == "NHWC" else "[N, C, H, W]"
+        raise ValueError(f"roi_pool: features must have rank 4 ({dims} for layout {layout!r}), "
+                         f"got shape {features.shape}")
+    if features.dtype not in VALUE_DTYPES:
+        raise TypeError("roi_pool: features must be float16, bfloat16, float32 or float64, "
+                        f"got {features.dtype}")
+    n, h, w = feature_dims(features.shape, layout)[:3]
+    if min(n, h, w) < 1:
+        raise ValueError(f"roi_pool: features must have non-empty batch and spatial dimensions, "
+                         f"got shape {features.shape} for layout {layout!r}")
+    if n * h * w > MAX_CELLS:
+        raise ValueError(f"roi_pool: features have {n * h * w} cells (N*H*W), more than the "
+                         f"int32 argmax can address ({MAX_CELLS})")
+    return features
+
+
+def feature_dims(shape, layout: str) -> tuple[int, int, int, int]:
+    """(N, H, W, C) of a feature-shaped array."""
+    if layout == "NHWC":
+        return tuple(shape)
+    n, c, h, w = shape
+    return (n, h, w, c)
+
+
+def pooled_shape(r: int, pooled: tuple[int, int], c: int, layout: str) -> tuple[int, ...]:
+    ph, pw = pooled
+    return (r, ph, pw, c) if layout == "NHWC" else (r, c, ph, pw)
+
+
+def coordinate_dtype(dtype) -> np.dtype:
+    """Coordinates are computed in float64 for float64 rois, else in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def check_rois(rois, name: str = "rois") -> jax.Array:
+    """[R, 5] rows (batch_index, x1, y1, x2, y2), cast to the coordinate dtype."""
+    rois = jnp.asarray(rois)
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        raise ValueError(f"roi_pool: {name} must have shape [R, 5] (batch_index, x1, y1, x2, y2), "
+                         f"got {rois.shape}")
+    return _cast_coordinates(rois, name)
+
+
+def check_boxes(boxes, batch: int, name: str = "rois") -> jax.Array:
+    """[N, K, 4] per-image boxes (x1, y1, x2, y2), cast to the coordinate dtype."""
+    boxes = jnp.asarray(boxes)
+    if boxes.ndim != 3 or boxes.shape[2] != 4:
+        raise ValueError(f"roi_pool: per-image {name} must have shape [N, K, 4], got {boxes.shape}")
+    if boxes.shape[0] != batch:
+        raise ValueError(f"roi_pool: per-image {name} have batch {boxes.shape[0]} but features "
+                         f"have batch {batch}")
+    return _cast_coordinates(boxes, name)
+
+
+def _cast_coordinates(rois: jax.Array, name: str) -> jax.Array:
+    if not jnp.issubdtype(rois.dtype, jnp.floating):
+        raise TypeError(f"roi_pool: {name} must be floating point, got {rois.dtype}")
+    return rois.astype(coordinate_dtype(rois.dtype))

@@ -1,0 +1,72 @@
+"""Registration of the native kernels (XLA FFI targets) and their lowerings.
+
+``_cpu`` is always built; ``_cuda`` only where nvcc was found at build time,
+and is imported only here, so CPU-only installs never touch CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jaxlib
+import numpy as np
+from jax.interpreters import mlir
+
+from . import _primitives
+
+LAYOUT_CODES = {"NHWC": 0, "NCHW": 1}  # roipool::Layout
+BIN_CODES = {"fast_rcnn": 0, "partition": 1}  # roipool::Bins
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def _load(module_name: str):
+    module = importlib.import_module(f"jax_roipool.{module_name}")
+    built, running = module.build_jaxlib_version(), jaxlib.__version__
+    if _version_tuple(built) > _version_tuple(running):
+        raise ImportError(
+            f"jax_roipool.{module_name} was built against the XLA FFI headers of jaxlib {built} "
+            f"but jaxlib {running} is running; XLA refuses handlers built with newer headers. "
+            "Rebuild against the installed jax: pip install --no-build-isolation --force-reinstall .")
+    return module
+
+
+def _forward_lowering(ctx, features, rois, *, pooled, spatial_scale, layout, bins):
+    return jax.ffi.ffi_lowering("roipool_forward")(
+        ctx, features, rois, pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
+        spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
+        bins=np.int32(BIN_CODES[bins]))
+
+
+def _gather_lowering(ctx, source, argmax, *, layout):
+    return jax.ffi.ffi_lowering("roipool_gather")(
+        ctx, source, argmax, layout=np.int32(LAYOUT_CODES[layout]))
+
+
+def _scatter_lowering(ctx, cotangent, argmax, *, layout, features_shape):
+    return jax.ffi.ffi_lowering("roipool_scatter")(
+        ctx, cotangent, argmax, layout=np.int32(LAYOUT_CODES[layout]))
+
+
+def _register(module, xla_platform: str, lowering_platform: str) -> None:
+    for name, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform=xla_platform)
+    mlir.register_lowering(_primitives.roi_pool_p, _forward_lowering, platform=lowering_platform)
+    mlir.register_lowering(_primitives.gather_p, _gather_lowering, platform=lowering_platform)
+    mlir.register_lowering(_primitives.scatter_p, _scatter_lowering, platform=lowering_platform)
+
+
+def _cuda_module():
+    try:
+        return _load("_cuda")
+    except ModuleNotFoundError:  # built without nvcc
+        return None
+
+
+_register(_load("_cpu"), "cpu", "cpu")
+cuda = _cuda_module()
+if cuda is not None:
+    _register(cuda, "CUDA", "cuda")

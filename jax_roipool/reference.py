@@ -1,0 +1,142 @@
+"""Pure ``jax.numpy`` RoI pooling with exactly the semantics of the native kernels.
+
+It is readable rather than fast (it materialises per-RoI masks over the whole
+feature map), serves as a second oracle in the tests, and is the lowering of
+the roi_pool primitives on platforms without a native kernel (e.g. TPU). The
+geometry mirrors ``csrc/roipool_geometry.h`` step by step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _checks
+
+CORNER_LIMIT = 2**28  # as kCornerLimit in roipool_geometry.h
+
+
+def _corner_cell(scaled: jax.Array) -> jax.Array:
+    rounded = lax.round(scaled, lax.RoundingMethod.AWAY_FROM_ZERO)
+    return jnp.clip(rounded, -CORNER_LIMIT, CORNER_LIMIT).astype(jnp.int32)
+
+
+def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
+    """Clipped [begin, end) of every bin along one axis: two [R, pooled] int32 arrays."""
+    origin = _corner_cell(lo)[:, None]
+    last = _corner_cell(hi)[:, None]
+    i = jnp.arange(pooled, dtype=jnp.int32)[None, :]
+    if bins == "fast_rcnn":
+        length = jnp.maximum(last - origin + 1, 1)
+        # XLA rewrites x / broadcast(n) as x * broadcast(1/n), whose rounding
+        # moves some bin edges by one cell; behind the barrier the divisor is
+        # an opaque full-size array and the division stays exact.
+        divisor = lax.optimization_barrier(jnp.full(length.shape, pooled, lo.dtype))
+        bin_size = length.astype(lo.dtype) / divisor
+        begin = jnp.floor(i.astype(lo.dtype) * bin_size).astype(jnp.int32)
+        end = jnp.ceil((i + 1).astype(lo.dtype) * bin_size).astype(jnp.int32)
+    else:
+        length = jnp.maximum(last - origin, 0)
+        begin, end = _partition_edge(i, length, pooled), _partition_edge(i + 1, length, pooled)
+        end = jnp.where((length > 0) & (end <= begin), begin + 1, end)
+    return jnp.clip(begin + origin, 0, extent), jnp.clip(end + origin, 0, extent)
+
+
+def _partition_edge(i, length, pooled: int):
+    """floor(i * length / pooled) exactly, without int32 overflow (pooled <= 65535)."""
+    q, rem = length // pooled, (length % pooled).astype(jnp.uint32)
+    return i * q + ((i.astype(jnp.uint32) * rem) // pooled).astype(jnp.int32)
+
+
+def _first_hit(values, best, mask, axis: int):
+    """Index along `axis` of the first masked value equal to `best` (NaN matches NaN)."""
+    best = jnp.expand_dims(best, axis)
+    hit = mask & ((values == best) | (jnp.isnan(values) & jnp.isnan(best)))
+    return jnp.argmax(hit, axis=axis)
+
+
+def forward(features, rois, *, pooled, spatial_scale, layout, bins):
+    """(output, argmax) of roi_pool for validated arguments (rois [R, 5] in f32/f64)."""
+    n, h, w, c = _checks.feature_dims(features.shape, layout)
+    ph, pw = pooled
+    nhwc = features if layout == "NHWC" else jnp.transpose(features, (0, 2, 3, 1))
+    scale = jnp.asarray(spatial_scale, rois.dtype)
+    b = rois[:, 0]
+    x1, y1, x2, y2 = (rois[:, k] * scale for k in range(1, 5))
+    valid = (b > -1) & (b < n)
+    for v in (x1, y1, x2, y2):
+        valid &= jnp.isfinite(v)
+    batch = jnp.where(valid, b, 0).astype(jnp.int32)
+    y_begin, y_end = _axis_spans(y1, y2, ph, h, bins)
+    x_begin, x_end = _axis_spans(x1, x2, pw, w, bins)
+
+    rows = jnp.arange(h)[None, None, :]
+    cols = jnp.arange(w)[None, None, :]
+    row_mask = (rows >= y_begin[..., None]) & (rows < y_end[..., None])  # [R, PH, H]
+    col_mask = (cols >= x_begin[..., None]) & (cols < x_end[..., None])  # [R, PW, W]
+
+    # Max along each row inside every column span, then along the rows of
+    # every row span: row-major first on ties, since both steps keep the first.
+    images = nhwc[batch]  # [R, H, W, C]
+    low = jnp.array(-jnp.inf, features.dtype)
+    m = col_mask[:, :, None, :, None]
+    v = jnp.where(m, images[:, None], low)  # [R, PW, H, W, C]
+    row_max = jnp.max(v, axis=3)  # [R, PW, H, C]
+    row_arg = _first_hit(v, row_max, m, axis=3)
+    m = row_mask[:, :, None, :, None]
+    v = jnp.where(m, row_max[:, None], low)  # [R, PH, PW, H, C]
+    best = jnp.max(v, axis=3)  # [R, PH, PW, C]
+    best_h = _first_hit(v, best, m, axis=3)
+    best_w = jnp.take_along_axis(
+        jnp.broadcast_to(row_arg[:, None], v.shape), best_h[:, :, :, None], axis=3)[:, :, :, 0]
+
+    empty = (~valid[:, None, None] | (y_end <= y_begin)[:, :, None]
+             | (x_end <= x_begin)[:, None, :])[..., None]
+    out = jnp.where(empty, jnp.zeros((), features.dtype), best)
+    cell = (batch[:, None, None, None] * h + best_h) * w + best_w
+    argmax = jnp.where(empty, -1, cell).astype(jnp.int32)
+    if layout == "NCHW":
+        out, argmax = (jnp.transpose(a, (0, 3, 1, 2)) for a in (out, argmax))
+    return out, argmax
+
+
+def _cell_offsets(argmax, features_shape, layout: str):
+    """Flat offsets into a feature-shaped array of (argmax cell, channel); 0 where argmax < 0."""
+    _, h, w, c = _checks.feature_dims(features_shape, layout)
+    cell = jnp.maximum(argmax, 0)
+    if layout == "NHWC":
+        return cell * c + lax.broadcasted_iota(jnp.int32, argmax.shape, 3)
+    channel = lax.broadcasted_iota(jnp.int32, argmax.shape, 1)
+    return ((cell // (h * w)) * c + channel) * (h * w) + cell % (h * w)
+
+
+def gather(source, argmax, *, layout):
+    """source[cell(argmax), channel], 0 where argmax is -1 (the forward's tangent)."""
+    values = source.reshape(-1)[_cell_offsets(argmax, source.shape, layout)]
+    return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
+
+
+def scatter(cotangent, argmax, *, layout, features_shape):
+    """Scatter-add of the cotangent at argmax (transpose of gather)."""
+    acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
+    updates = jnp.where(argmax >= 0, cotangent, 0).astype(acc_dtype)
+    size = int(np.prod(features_shape))
+    flat = jnp.zeros(size, acc_dtype).at[_cell_offsets(argmax, features_shape, layout)].add(updates)
+    return flat.reshape(features_shape).astype(cotangent.dtype)
+
+
+def roi_pool_with_argmax(features, rois, output_size, spatial_scale=1.0, *, layout="NHWC",
+                         bins="fast_rcnn"):
+    """Pure-JAX ``jax_roipool.roi_pool_with_argmax`` for ``[R, 5]`` rois (differentiable by JAX itself)."""
+    config = _checks.check_config(output_size, spatial_scale, layout, bins)
+    features = _checks.check_features(features, layout)
+    rois = _checks.check_rois(rois)
+    return forward(features, rois, **config._asdict())
+
+
+def roi_pool(features, rois, output_size, spatial_scale=1.0, *, layout="NHWC", bins="fast_rcnn"):
+    """Pure-JAX ``jax_roipool.roi_pool`` for ``[R, 5]`` rois."""
+    return roi_pool_with_argmax(features, rois, output_size, spatial_scale, layout=layout,
+                                bins=bins)[0]
