@@ -204,13 +204,35 @@ inline int64_t cell_offset(int64_t cell, int64_t c, const FeatureShape& f,
 // ---------------------------------------------------------------------------
 // Forward: max over each bin, and its cell index.
 
+// The channel loops below are the hot spots of the NHWC kernels; they are
+// compiled for AVX2 and for the baseline ISA, picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ROIPOOL_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ROIPOOL_VECTOR_CLONES
+#endif
+
+// Folds one more cell (its C channels) into the running maxima of a bin.
+template <typename T>
+ROIPOOL_VECTOR_CLONES void fold_cell(const T* __restrict px,
+                                     typename Element<T>::Acc* __restrict best,
+                                     int32_t* __restrict best_cell,
+                                     int32_t cell, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const auto v = Element<T>::load(px[c]);
+    const bool take = replaces_max(v, best[c]);
+    best[c] = take ? v : best[c];
+    if (best_cell) best_cell[c] = take ? cell : best_cell[c];
+  }
+}
+
 template <typename T, typename C>
 void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
                   const FeatureShape& f, const PooledShape& p, C scale,
                   int32_t bins, int64_t roi_begin, int64_t roi_end) {
   using Acc = typename Element<T>::Acc;
   std::vector<Acc> best(f.c);
-  std::vector<int32_t> best_cell(f.c);
+  std::vector<int32_t> best_cell(argmax ? f.c : 0);
   for (int64_t r = roi_begin; r < roi_end; ++r) {
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
@@ -222,36 +244,26 @@ void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
         const int64_t o = ((r * p.ph + ph) * p.pw + pw) * f.c;
         if (!g.valid || sy.empty() || sx.empty()) {
           std::fill(out + o, out + o + f.c, Element<T>::store(Acc(0)));
-          std::fill(argmax + o, argmax + o + f.c, -1);
+          if (argmax) std::fill(argmax + o, argmax + o + f.c, -1);
           continue;
         }
         const int32_t row0 = int32_t(g.batch * f.h);
-        bool first = true;
+        const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c;
+        for (int64_t c = 0; c < f.c; ++c) best[c] = Element<T>::load(first[c]);
+        if (argmax)
+          std::fill(best_cell.begin(), best_cell.end(),
+                    (row0 + sy.begin) * int32_t(f.w) + sx.begin);
         for (int32_t h = sy.begin; h < sy.end; ++h) {
-          for (int32_t w = sx.begin; w < sx.end; ++w) {
-            const T* px = image + (int64_t(h) * f.w + w) * f.c;
-            const int32_t cell = (row0 + h) * int32_t(f.w) + w;
-            if (first) {
-              for (int64_t c = 0; c < f.c; ++c) {
-                best[c] = Element<T>::load(px[c]);
-                best_cell[c] = cell;
-              }
-              first = false;
-              continue;
-            }
-            for (int64_t c = 0; c < f.c; ++c) {
-              const Acc v = Element<T>::load(px[c]);
-              const bool take = replaces_max(v, best[c]);
-              best[c] = take ? v : best[c];
-              best_cell[c] = take ? cell : best_cell[c];
-            }
+          // The first cell is already folded in.
+          for (int32_t w = (h == sy.begin ? sx.begin + 1 : sx.begin);
+               w < sx.end; ++w) {
+            fold_cell<T>(image + (int64_t(h) * f.w + w) * f.c, best.data(),
+                         argmax ? best_cell.data() : nullptr,
+                         (row0 + h) * int32_t(f.w) + w, f.c);
           }
         }
-        const T* batch0 = features;
-        for (int64_t c = 0; c < f.c; ++c) {
-          out[o + c] = batch0[int64_t(best_cell[c]) * f.c + c];  // bit-exact
-          argmax[o + c] = best_cell[c];
-        }
+        for (int64_t c = 0; c < f.c; ++c) out[o + c] = Element<T>::store(best[c]);
+        if (argmax) std::copy(best_cell.begin(), best_cell.end(), argmax + o);
       }
     }
   }
@@ -281,7 +293,7 @@ void forward_nchw(const T* features, const C* rois, T* out, int32_t* argmax,
           const int64_t o = ((r * f.c + c) * p.ph + ph) * p.pw + pw;
           if (!g.valid || sy.empty() || sx.empty()) {
             out[o] = Element<T>::store(Acc(0));
-            argmax[o] = -1;
+            if (argmax) argmax[o] = -1;
             continue;
           }
           int32_t best_hw = sy.begin * int32_t(f.w) + sx.begin;
@@ -297,7 +309,7 @@ void forward_nchw(const T* features, const C* rois, T* out, int32_t* argmax,
             }
           }
           out[o] = src[best_hw];  // bit-exact
-          argmax[o] = cell0 + best_hw;
+          if (argmax) argmax[o] = cell0 + best_hw;
         }
       }
     }
@@ -326,7 +338,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
       const T* x = reinterpret_cast<const T*>(features.untyped_data());
       const C* boxes = reinterpret_cast<const C*>(rois.untyped_data());
       T* y = reinterpret_cast<T*>(out->untyped_data());
-      int32_t* idx = argmax->typed_data();
+      // An empty argmax result asks for the maxima alone (no gradient needed).
+      int32_t* idx = argmax->element_count() ? argmax->typed_data() : nullptr;
       const C scale = C(spatial_scale);
       parallel_for(pool, p.r, grain_for(pool, p.r),
                    [&](int64_t begin, int64_t end) {
@@ -360,15 +373,16 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
     T* y = reinterpret_cast<T*>(out->untyped_data());
     const int64_t total = p.r * p.ph * p.pw * p.c;
     const int64_t bin_plane = p.ph * p.pw;
+    const int64_t cells = f.n * f.h * f.w;
     parallel_for(pool, total, grain_for(pool, total),
                  [&](int64_t begin, int64_t end) {
                    for (int64_t o = begin; o < end; ++o) {
                      const int64_t c = layout == kNHWC
                                            ? o % p.c
                                            : (o / bin_plane) % p.c;
-                     y[o] = idx[o] < 0
-                                ? Element<T>::store(0)
-                                : src[cell_offset(idx[o], c, f, layout)];
+                     y[o] = argmax_in_range(idx[o], cells)
+                                ? src[cell_offset(idx[o], c, f, layout)]
+                                : Element<T>::store(0);
                    }
                  });
     return ffi::Error::Success();
@@ -394,7 +408,7 @@ void scatter_channels(const T* cot, const int32_t* idx,
     for (int64_t b = 0; b < bins; ++b) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         const int64_t o = b * p.c + c;
-        if (idx[o] >= 0)
+        if (argmax_in_range(idx[o], cells))
           acc[int64_t(idx[o]) * f.c + c] += Element<T>::load(cot[o]);
       }
     }
@@ -411,7 +425,7 @@ void scatter_channels(const T* cot, const int32_t* idx,
       const int64_t o0 = (r * p.c + c) * bin_plane;
       for (int64_t k = 0; k < bin_plane; ++k) {
         const int32_t cell = idx[o0 + k];
-        if (cell >= 0)
+        if (argmax_in_range(cell, cells))
           acc[cell_offset(cell, c, f, layout)] += Element<T>::load(cot[o0 + k]);
       }
     }
@@ -447,9 +461,11 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     constexpr bool kSeparateAcc = !std::is_same_v<T, Acc>;
     std::vector<Acc> scratch(kSeparateAcc ? grad->element_count() : 0);
     Acc* acc = kSeparateAcc ? scratch.data() : reinterpret_cast<Acc*>(out);
-    // Channel blocks of 16 keep each worker's writes on separate cache lines
-    // in NHWC.
-    const int64_t block = 16;
+    // One contiguous channel block per worker: long runs of each output row
+    // stream through the cache; multiples of 16 channels keep the workers'
+    // writes on separate cache lines in NHWC.
+    const int64_t workers = std::max<int64_t>(pool.num_threads(), 0) + 1;
+    const int64_t block = (f.c + 16 * workers - 1) / (16 * workers) * 16;
     const int64_t blocks = (f.c + block - 1) / block;
     parallel_for(pool, blocks, 1, [&](int64_t begin, int64_t end) {
       const int64_t c0 = begin * block, c1 = std::min(f.c, end * block);

@@ -67,6 +67,12 @@ ROIPOOL_HD bool is_finite(C v) {
   return v - v == C(0);
 }
 
+// Gather and scatter treat an argmax outside [0, cells) like -1 (no cell):
+// they never touch memory outside the features, whatever the index holds.
+ROIPOOL_HD bool argmax_in_range(int32_t cell, int64_t cells) {
+  return cell >= 0 && cell < cells;
+}
+
 // Scaled corner -> integer cell coordinate, rounding half away from zero
 // (C `round`), clamped so that the conversion is always defined.
 template <typename C>

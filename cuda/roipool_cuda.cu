@@ -127,7 +127,7 @@ IndexDims index_dims(const FeatureShape& f, const PooledShape& p) {
 
 // features [N,H,W,C] (NHWC) or [N,C,H,W] (NCHW); rois [R,5] rows
 // (batch_index, x1, y1, x2, y2); output and argmax [R,PH,PW,C] (NHWC) or
-// [R,C,PH,PW] (NCHW).
+// [R,C,PH,PW] (NCHW); argmax may be empty (shape [0]) when not needed.
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
                    ffi::AnyBuffer rois, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::S32>> argmax, int32_t pooled_h,
@@ -151,7 +151,8 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
                                layout == kNHWC ? p.c : p.pw};
   const ffi::Span<const int64_t> expected_dims(expected, 4);
   if (!same_dims(out->dimensions(), expected_dims) ||
-      !same_dims(argmax->dimensions(), expected_dims) ||
+      !(argmax->element_count() == 0 ||
+        same_dims(argmax->dimensions(), expected_dims)) ||
       out->element_type() != features.element_type())
     return ffi::Error::InvalidArgument(
         "roi_pool: output/argmax shape or dtype does not match the inputs");
@@ -171,7 +172,8 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
       const T* x = reinterpret_cast<const T*>(features.untyped_data());
       const C* boxes = reinterpret_cast<const C*>(rois.untyped_data());
       T* y = reinterpret_cast<T*>(out->untyped_data());
-      int32_t* idx = argmax->typed_data();
+      // An empty argmax result asks for the maxima alone (no gradient needed).
+      int32_t* idx = argmax->element_count() ? argmax->typed_data() : nullptr;
       const C scale = C(spatial_scale);
       if (layout == kNHWC)
         forward_kernel<T, C, kNHWC><<<grid_for(d.total), kBlockSize, 0,

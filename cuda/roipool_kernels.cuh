@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kBlockSize)
     // g.batch < n also rejects every batch index when n == 0.
     if (!g.valid || g.batch >= d.n || sy.empty() || sx.empty()) {
       out[o] = Value<T>::zero();
-      argmax[o] = -1;
+      if (argmax) argmax[o] = -1;
       continue;
     }
     // Element (h, w) of the RoI's image and channel c is image[hw * step].
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kBlockSize)
       }
     }
     out[o] = best_raw;
-    argmax[o] = int32_t(g.batch * plane + best_hw);
+    if (argmax) argmax[o] = int32_t(g.batch * plane + best_hw);
   }
 }
 
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kBlockSize)
   for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
     const int32_t cell = argmax[o];
     T v = Value<T>::zero();
-    if (cell >= 0 && cell < d.cells) {
+    if (argmax_in_range(cell, d.cells)) {
       const int64_t c = channel_of<kLayout>(o, d.channels, d.bin_plane);
       v = source[cell_offset<kLayout>(cell, c, d.channels, d.plane)];
     }
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kBlockSize)
                    IndexDims d) {
   for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
     const int32_t cell = argmax[o];
-    if (cell < 0 || cell >= d.cells) continue;
+    if (!argmax_in_range(cell, d.cells)) continue;
     const int64_t c = channel_of<kLayout>(o, d.channels, d.bin_plane);
     atomicAdd(grad + cell_offset<kLayout>(cell, c, d.channels, d.plane),
               cotangent[o]);

@@ -26,25 +26,30 @@ def roi_pool_with_argmax(
     cell index ``(n * H + h) * W + w`` of the maximum in the features (the
     same for both layouts), or -1 for an empty bin or an invalid RoI.
     """
+    return _pool(features, rois, output_size, spatial_scale, layout, bins, with_argmax=True)
+
+
+def _pool(features, rois, output_size, spatial_scale, layout, bins, *, with_argmax):
     config = _checks.check_config(output_size, spatial_scale, layout, bins)
     features = _checks.check_features(features, layout)
     rois = jnp.asarray(rois)
     if rois.ndim == 3:
-        return _per_image(features, rois, config)
+        return _per_image(features, rois, config, with_argmax)
     rois = _checks.check_rois(rois)
-    out, argmax = roi_pool_p.bind(features, rois, **config._asdict())
-    return out, argmax
+    return roi_pool_p.bind(features, rois, **config._asdict(), with_argmax=with_argmax)
 
 
-def _per_image(features, boxes, config):
+def _per_image(features, boxes, config, with_argmax):
     """[N, K, 4] boxes: one flat call with batch indices 0..N-1, outputs [N, K, ...]."""
     n = _checks.feature_dims(features.shape, config.layout)[0]
     boxes = _checks.check_boxes(boxes, n)
     k = boxes.shape[1]
     index = jnp.broadcast_to(jnp.arange(n, dtype=boxes.dtype)[:, None, None], (n, k, 1))
     rois = jnp.concatenate([index, boxes], axis=2).reshape(n * k, 5)
-    out, argmax = roi_pool_p.bind(features, rois, **config._asdict())
-    return out.reshape((n, k) + out.shape[1:]), argmax.reshape((n, k) + argmax.shape[1:])
+    out, argmax = roi_pool_p.bind(features, rois, **config._asdict(), with_argmax=with_argmax)
+    if with_argmax:
+        argmax = argmax.reshape((n, k) + argmax.shape[1:])
+    return out.reshape((n, k) + out.shape[1:]), argmax
 
 
 def roi_pool(
@@ -81,5 +86,4 @@ def roi_pool(
       ``features`` (the gradient goes to the argmax cell of each bin); the
       gradient with respect to ``rois`` is zero.
     """
-    return roi_pool_with_argmax(features, rois, output_size, spatial_scale, layout=layout,
-                                bins=bins)[0]
+    return _pool(features, rois, output_size, spatial_scale, layout, bins, with_argmax=False)[0]

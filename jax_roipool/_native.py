@@ -34,7 +34,8 @@ def _load(module_name: str):
     return module
 
 
-def _forward_lowering(ctx, features, rois, *, pooled, spatial_scale, layout, bins):
+def _forward_lowering(ctx, features, rois, *, pooled, spatial_scale, layout, bins, with_argmax):
+    # with_argmax is conveyed by the argmax result's shape (empty when False).
     return jax.ffi.ffi_lowering("roipool_forward")(
         ctx, features, rois, pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
         spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),

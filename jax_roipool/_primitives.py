@@ -45,10 +45,13 @@ def _eager_impl(primitive):
 # ---------------------------------------------------------------------------
 # Abstract evaluation.
 
-def _roi_pool_abstract(features, rois, *, pooled, spatial_scale, layout, bins):
+def _roi_pool_abstract(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax):
     c = _checks.feature_dims(features.shape, layout)[3]
     shape = _checks.pooled_shape(rois.shape[0], pooled, c, layout)
-    return (jax.core.ShapedArray(shape, features.dtype), jax.core.ShapedArray(shape, np.int32))
+    # Without with_argmax the kernel skips the argmax and returns an empty one.
+    argmax_shape = shape if with_argmax else (0,)
+    return (jax.core.ShapedArray(shape, features.dtype),
+            jax.core.ShapedArray(argmax_shape, np.int32))
 
 
 def _gather_abstract(source, argmax, *, layout):
@@ -69,11 +72,13 @@ def _zero_like(x):
 def _roi_pool_jvp(primals, tangents, **params):
     features, rois = primals
     features_dot, _ = tangents  # rois only choose cells: zero derivative
-    out, argmax = roi_pool_p.bind(features, rois, **params)
     if type(features_dot) is ad.Zero:
-        out_dot = _zero_like(out)
-    else:
-        out_dot = gather_p.bind(features_dot, argmax, layout=params["layout"])
+        out, argmax = roi_pool_p.bind(features, rois, **params)
+        return (out, argmax), (_zero_like(out), _zero_like(argmax))
+    out, argmax = roi_pool_p.bind(features, rois, **{**params, "with_argmax": True})
+    out_dot = gather_p.bind(features_dot, argmax, layout=params["layout"])
+    if not params["with_argmax"]:
+        argmax = jnp.zeros((0,), np.int32)
     return (out, argmax), (out_dot, _zero_like(argmax))
 
 
@@ -128,14 +133,15 @@ def _batch_size(args, dims):
     return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
 
-def _roi_pool_batch(args, dims, *, pooled, spatial_scale, layout, bins):
+def _roi_pool_batch(args, dims, *, pooled, spatial_scale, layout, bins, with_argmax):
     features, rois = args
     features_dim, rois_dim = dims
     size = _batch_size(args, dims)
     rois = _to_front(rois, rois_dim, size)
     if features_dim is not None:
         features = _to_front(features, features_dim, size)
-        n = features.shape[1]  # images per batch element (N leads in both layouts)
+        copy_shape = features.shape[1:]
+        n = copy_shape[0]  # images per batch element (N leads in both layouts)
         features = _fold(features)
         _checks.check_features(features, layout)  # the folded N*H*W must still fit int32
         if rois.dtype == np.float32 and size * n > 2**24:
@@ -147,14 +153,22 @@ def _roi_pool_batch(args, dims, *, pooled, spatial_scale, layout, bins):
         b = jnp.where((b > -1) & (b < n), jnp.trunc(b) + offset, -1)
         rois = rois.at[..., 0].set(b)
     out, argmax = roi_pool_p.bind(features, _fold(rois), pooled=pooled,
-                                  spatial_scale=spatial_scale, layout=layout, bins=bins)
-    return (_unfold(out, size), _unfold(argmax, size)), (0, 0)
+                                  spatial_scale=spatial_scale, layout=layout, bins=bins,
+                                  with_argmax=with_argmax)
+    if not with_argmax:
+        return (_unfold(out, size), argmax), (0, None)
+    argmax = _unfold(argmax, size)
+    if features_dim is not None:
+        # The kernel indexed the folded images; make each argmax index its own copy.
+        argmax = _offset_argmax(argmax, copy_shape, layout, sign=-1)
+    return (_unfold(out, size), argmax), (0, 0)
 
 
-def _offset_argmax(argmax, features_shape, layout):
-    """[B, ...] argmax into B stacked copies of the features: add b * N*H*W."""
+def _offset_argmax(argmax, features_shape, layout, sign=1):
+    """[B, ...] argmax into B stacked copies of features of ``features_shape``:
+    add b * N*H*W (``sign=-1``: subtract it, back to per-copy indices)."""
     n, h, w, _ = _checks.feature_dims(features_shape, layout)
-    offset = jnp.arange(argmax.shape[0], dtype=np.int32) * (n * h * w)
+    offset = jnp.arange(argmax.shape[0], dtype=np.int32) * (sign * n * h * w)
     offset = offset.reshape((-1,) + (1,) * (argmax.ndim - 1))
     return jnp.where(argmax >= 0, argmax + offset, -1)
 

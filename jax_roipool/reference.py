@@ -57,8 +57,11 @@ def _first_hit(values, best, mask, axis: int):
     return jnp.argmax(hit, axis=axis)
 
 
-def forward(features, rois, *, pooled, spatial_scale, layout, bins):
-    """(output, argmax) of roi_pool for validated arguments (rois [R, 5] in f32/f64)."""
+def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=True):
+    """(output, argmax) of roi_pool for validated arguments (rois [R, 5] in f32/f64).
+
+    With ``with_argmax=False`` the argmax is returned empty, as by the kernels.
+    """
     n, h, w, c = _checks.feature_dims(features.shape, layout)
     ph, pw = pooled
     nhwc = features if layout == "NHWC" else jnp.transpose(features, (0, 2, 3, 1))
@@ -99,13 +102,19 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins):
     argmax = jnp.where(empty, -1, cell).astype(jnp.int32)
     if layout == "NCHW":
         out, argmax = (jnp.transpose(a, (0, 3, 1, 2)) for a in (out, argmax))
-    return out, argmax
+    return out, argmax if with_argmax else jnp.zeros((0,), jnp.int32)
+
+
+def _in_range(argmax, features_shape, layout: str):
+    """Argmax entries naming a cell; like the kernels, anything outside [0, N*H*W) is no cell."""
+    n, h, w, _ = _checks.feature_dims(features_shape, layout)
+    return (argmax >= 0) & (argmax < n * h * w)
 
 
 def _cell_offsets(argmax, features_shape, layout: str):
-    """Flat offsets into a feature-shaped array of (argmax cell, channel); 0 where argmax < 0."""
+    """Flat offsets into a feature-shaped array of (argmax cell, channel); cell 0 where no cell."""
     _, h, w, c = _checks.feature_dims(features_shape, layout)
-    cell = jnp.maximum(argmax, 0)
+    cell = jnp.where(_in_range(argmax, features_shape, layout), argmax, 0)
     if layout == "NHWC":
         return cell * c + lax.broadcasted_iota(jnp.int32, argmax.shape, 3)
     channel = lax.broadcasted_iota(jnp.int32, argmax.shape, 1)
@@ -115,15 +124,17 @@ def _cell_offsets(argmax, features_shape, layout: str):
 def gather(source, argmax, *, layout):
     """source[cell(argmax), channel], 0 where argmax is -1 (the forward's tangent)."""
     values = source.reshape(-1)[_cell_offsets(argmax, source.shape, layout)]
-    return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
+    return jnp.where(_in_range(argmax, source.shape, layout), values,
+                     jnp.zeros((), source.dtype))
 
 
 def scatter(cotangent, argmax, *, layout, features_shape):
     """Scatter-add of the cotangent at argmax (transpose of gather)."""
     acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
-    updates = jnp.where(argmax >= 0, cotangent, 0).astype(acc_dtype)
+    updates = jnp.where(_in_range(argmax, features_shape, layout), cotangent, 0)
     size = int(np.prod(features_shape))
-    flat = jnp.zeros(size, acc_dtype).at[_cell_offsets(argmax, features_shape, layout)].add(updates)
+    flat = jnp.zeros(size, acc_dtype).at[_cell_offsets(argmax, features_shape, layout)].add(
+        updates.astype(acc_dtype))
     return flat.reshape(features_shape).astype(cotangent.dtype)
 
 

@@ -1,0 +1,204 @@
+"""Shared helpers for the jax_roipool tests (imported as ``from conftest import ...``)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import reference_loop
+
+hypothesis.settings.register_profile(
+    "roipool", derandomize=True, deadline=None, max_examples=40, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                           hypothesis.HealthCheck.data_too_large])
+
+LAYOUTS = ("NHWC", "NCHW")
+BINS = ("fast_rcnn", "partition")
+DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+SCALES = (1.0, 0.5, 1.0 / 16, 0.3)
+
+
+def settings(max_examples: int):
+    """Reproducible hypothesis settings with a bounded number of examples."""
+    return hypothesis.settings(hypothesis.settings.get_profile("roipool"),
+                               max_examples=max_examples)
+
+
+def x64_for(*dtypes):
+    """Enables x64 while the block runs if any dtype is float64 (x64 is off otherwise)."""
+    if any(np.dtype(d) == np.float64 for d in dtypes):
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+def dtype_id(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def feature_shape(n, h, w, c, layout):
+    return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
+
+
+def random_features(rng, shape, dtype, kind="normal"):
+    """Feature map (numpy array of `dtype`).
+
+    kind: "normal" (random, some natural ties in 16-bit dtypes), "ties"
+    (small integers: many ties), "distinct" (all values distinct in `dtype`).
+    """
+    size = int(np.prod(shape))
+    if kind == "normal":
+        values = rng.standard_normal(size) * 3
+    elif kind == "ties":
+        values = rng.integers(-2, 3, size).astype(np.float64)
+    elif kind == "distinct":
+        # Distinct after rounding to `dtype`: unique draws, shuffled.
+        pool = np.unique(rng.standard_normal(4 * size + 64).astype(dtype).astype(np.float64))
+        assert pool.size >= size, "too many cells for distinct values in this dtype"
+        values = rng.permutation(pool)[:size]
+    else:
+        raise ValueError(kind)
+    return values.reshape(shape).astype(dtype)
+
+
+def random_rois(rng, n, h, w, r, spatial_scale=1.0, *, dtype=np.float32, adversarial=True):
+    """[r, 5] rois in image coordinates for an [n, h, w] map at `spatial_scale`.
+
+    With `adversarial`, mixes in boxes partly/completely outside the map,
+    inverted, zero-size, tiny, at .5 boundaries and with fractional or invalid
+    batch indices.
+    """
+    img_h, img_w = h / spatial_scale, w / spatial_scale
+    kinds = ("inside", "partial", "outside", "inverted", "zero", "half", "tiny", "whole",
+             "fractional_batch", "invalid_batch") if adversarial else ("inside",)
+    weights = np.array([8, 3, 1, 1, 1, 2, 2, 1, 1, 1][:len(kinds)], np.float64)
+    rows = []
+    for kind in rng.choice(kinds, size=r, p=weights / weights.sum()):
+        b = float(rng.integers(0, n))
+        x1, x2 = np.sort(rng.uniform(0, img_w, 2))
+        y1, y2 = np.sort(rng.uniform(0, img_h, 2))
+        if kind == "partial":
+            x1, y1 = x1 - img_w / 2, y1 - img_h / 2
+            x2, y2 = x2 + img_w / 3, y2 + img_h / 3
+        elif kind == "outside":
+            shift = rng.choice([-2.0, 2.0]) * (img_w + img_h)
+            x1, x2, y1, y2 = x1 + shift, x2 + shift, y1 - shift, y2 - shift
+        elif kind == "inverted":
+            x1, x2, y1, y2 = x2, x1, y2, y1
+        elif kind == "zero":
+            if rng.random() < 0.5:
+                x2 = x1
+            else:
+                y2 = y1
+        elif kind == "half":
+            # Scaled corners at k + 0.5 (or one float step away).
+            cells = rng.integers(-1, max(h, w) + 1, 4) + 0.5
+            step = rng.choice([-1, 0, 1], 4)
+            cells = np.array([np.nextafter(np.float32(v), np.float32(v + s)) if s else v
+                              for v, s in zip(cells, step)], np.float64)
+            x1, y1, x2, y2 = cells / spatial_scale
+        elif kind == "tiny":
+            x2, y2 = x1 + rng.uniform(0, 2) / spatial_scale, y1 + rng.uniform(0, 2) / spatial_scale
+        elif kind == "whole":
+            x1, y1, x2, y2 = 0.0, 0.0, img_w - 1, img_h - 1
+        elif kind == "fractional_batch":
+            b = float(rng.choice([0.7, -0.5, n - 0.25]))
+        elif kind == "invalid_batch":
+            b = float(rng.choice([-1.0, n, n + 0.5, -3.0]))
+        rows.append((b, x1, y1, x2, y2))
+    return np.asarray(rows, np.float64).reshape(r, 5).astype(dtype)
+
+
+def to_float64(x) -> np.ndarray:
+    return reference_loop.to_float64(x)
+
+
+def assert_exact(actual, expected, what="values"):
+    """Exact equality (NaN == NaN) of an array of any supported dtype with float64/int data."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    a = to_float64(actual) if actual.dtype.kind == "f" or actual.dtype == jnp.bfloat16 else actual
+    if np.array_equal(a, expected, equal_nan=a.dtype.kind == "f"):
+        return
+    same = a == expected
+    if a.dtype.kind == "f":
+        same |= np.isnan(a) & np.isnan(expected)
+    bad = np.argwhere(~same)
+    first = tuple(bad[0])
+    raise AssertionError(f"{what}: {len(bad)} of {a.size} elements differ; first at {first}: "
+                         f"got {a[first]!r}, expected {expected[first]!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_reference(output_size, spatial_scale, layout, bins):
+    """jax_roipool.reference.roi_pool_with_argmax, jitted for one static configuration."""
+    import jax_roipool.reference as ref
+
+    return jax.jit(functools.partial(ref.roi_pool_with_argmax, output_size=output_size,
+                                     spatial_scale=spatial_scale, layout=layout, bins=bins))
+
+
+def check_case(features, rois, output_size, spatial_scale=1.0, *, layout="NHWC",
+               bins="fast_rcnn", jax_reference=True):
+    """Native roi_pool_with_argmax == loop reference (and == jax reference), exactly.
+
+    Returns the native (out, argmax) as numpy arrays.
+    """
+    import jax_roipool as jrp
+
+    features = np.asarray(features)
+    rois = np.asarray(rois)
+    with x64_for(features.dtype, rois.dtype):
+        out, arg = jrp.roi_pool_with_argmax(features, rois, output_size, spatial_scale,
+                                            layout=layout, bins=bins)
+        assert out.dtype == features.dtype, (out.dtype, features.dtype)
+        assert arg.dtype == jnp.int32
+        out, arg = np.asarray(out), np.asarray(arg)
+        want_out, want_arg = reference_loop.roi_pool_loop(
+            features, rois, output_size, spatial_scale, layout=layout, bins=bins)
+        assert_exact(out, want_out, "output vs loop reference")
+        assert_exact(arg, want_arg, "argmax vs loop reference")
+        # The single-value entry point returns the same output.
+        assert_exact(jrp.roi_pool(features, rois, output_size, spatial_scale, layout=layout,
+                                  bins=bins), want_out, "roi_pool vs loop reference")
+        if jax_reference:
+            ref_out, ref_arg = jitted_reference(output_size, spatial_scale, layout, bins)(
+                features, rois)
+            assert_exact(ref_out, want_out, "jax reference output vs loop reference")
+            assert_exact(ref_arg, want_arg, "jax reference argmax vs loop reference")
+    return out, arg
+
+
+def adversarial_rois(n, h, w, spatial_scale=1.0, dtype=np.float32):
+    """Fixed hard cases: invalid batch indices, non-finite and huge coordinates,
+    corners at .5 boundaries, inverted, empty and whole-map boxes."""
+    s = 1.0 / spatial_scale
+    fin = np.finfo(np.float32).max
+    rows = [
+        [0, 0, 0, (w - 1) * s, (h - 1) * s],
+        [n - 1, -1e30, -1e30, 1e30, 1e30],
+        [0, 1e30, 1e30, -1e30, -1e30],
+        [0, -3e9, 2 * s, 3e9, 3 * s],
+        [0, fin, 0, fin, h * s],
+        [-1, 0, 0, w * s, h * s],
+        [n, 0, 0, w * s, h * s],
+        [n - 0.5, 0, 0, w * s, h * s],
+        [np.nan, 0, 0, w * s, h * s],
+        [-0.5, 0.5 * s, 1.5 * s, 2.5 * s, 3.5 * s],
+        [0, np.nan, 0, 3 * s, 3 * s],
+        [0, 0, np.inf, 3 * s, 3 * s],
+        [0, 0, 0, -np.inf, 3 * s],
+        [0, 0.49999997 * s, 0.5 * s, 2.4999998 * s, 2.5 * s],
+        [0, 5 * s, 5 * s, 1 * s, 1 * s],
+        [0, 2 * s, 2 * s, 2 * s, 2 * s],
+        [0, -5 * s, -5 * s, -1 * s, -1 * s],
+        [0, (w + 2) * s, (h + 2) * s, (w + 9) * s, (h + 9) * s],
+        [n - 1, -2.5 * s, -2.5 * s, (w + 1.5) * s, (h + 1.5) * s],
+    ]
+    with np.errstate(over="ignore"):
+        return np.asarray(rows, np.float64).astype(dtype)

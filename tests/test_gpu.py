@@ -1,0 +1,200 @@
+"""CUDA kernels: bit-for-bit equal to the CPU kernels (and to torchvision where present)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roipool as jrp
+from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_exact, dtype_id,
+                      feature_shape, random_features, random_rois, x64_for)
+
+
+def _gpus():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # no GPU backend at all
+        return []
+
+
+GPUS = _gpus()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU present (jax.devices('gpu') is empty)"),
+]
+
+
+def gpu():
+    return GPUS[0]
+
+
+def cpu():
+    return jax.devices("cpu")[0]
+
+
+def run_on(device, fn, *args):
+    """fn(*args) with every argument committed to `device`; numpy results."""
+    placed = [jax.device_put(a, device) for a in args]
+    result = jax.jit(fn)(*placed)
+    leaves = jax.tree_util.tree_leaves(result)
+    for leaf in leaves:
+        assert leaf.devices() == {device}, (leaf.devices(), device)
+    return jax.tree_util.tree_map(np.asarray, result)
+
+
+def assert_bitwise(got, want, what):
+    """Same bits, except that any NaN matches any NaN."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if got.dtype.kind == "i":
+        assert_exact(got, want, what)
+        return
+    bits = np.dtype(f"u{got.dtype.itemsize}")
+    g64, w64 = got.astype(np.float64), want.astype(np.float64)
+    assert np.array_equal(np.isnan(g64), np.isnan(w64)), f"{what}: NaN positions differ"
+    keep = ~np.isnan(g64)
+    assert np.array_equal(got.view(bits)[keep], want.view(bits)[keep]), \
+        f"{what}: {np.sum(got.view(bits)[keep] != want.view(bits)[keep])} elements differ"
+
+
+def forward_fn(pooled, scale, layout, bins):
+    return functools.partial(jrp.roi_pool_with_argmax, output_size=pooled, spatial_scale=scale,
+                             layout=layout, bins=bins)
+
+
+def compare_devices(features, rois, pooled, scale, layout, bins):
+    fn = forward_fn(pooled, scale, layout, bins)
+    with x64_for(features.dtype, rois.dtype):
+        g_out, g_arg = run_on(gpu(), fn, features, rois)
+        c_out, c_arg = run_on(cpu(), fn, features, rois)
+    assert_bitwise(g_out, c_out, "output GPU vs CPU")
+    assert_exact(g_arg, c_arg, "argmax GPU vs CPU")
+    return c_arg
+
+
+def test_cuda_kernel_is_used():
+    features = jax.device_put(np.ones((1, 8, 8, 2), np.float32), gpu())
+    rois = jax.device_put(np.array([[0, 0, 0, 7, 7]], np.float32), gpu())
+    text = jax.jit(forward_fn(2, 1.0, "NHWC", "fast_rcnn")).lower(features, rois).as_text()
+    assert "roipool_forward" in text  # a native custom call, not the jnp fallback
+    grad = jax.jit(jax.grad(lambda f, r: jnp.sum(jrp.roi_pool(f, r, 2))))
+    assert "roipool_scatter" in grad.lower(features, rois).as_text()
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_random_cases_match_cpu(dtype, layout, bins):
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        n, h, w = int(rng.integers(1, 4)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        c = int(rng.choice([1, 3, 16, 33, 70, 256]))
+        scale = SCALES[seed % len(SCALES)]
+        kind = ("normal", "ties")[seed % 2]
+        features = random_features(rng, feature_shape(n, h, w, c, layout), dtype, kind)
+        rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+        rois = np.concatenate([random_rois(rng, n, h, w, int(rng.integers(0, 200)), scale),
+                               adversarial_rois(n, h, w, scale)]).astype(rois_dtype)
+        pooled = (int(rng.integers(1, 21)), int(rng.integers(1, 14)))
+        compare_devices(features, rois, pooled, scale, layout, bins)
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nonfinite_features_match_cpu(dtype, layout, bins):
+    rng = np.random.default_rng(1)
+    features = random_features(rng, feature_shape(2, 17, 23, 5, layout), dtype)
+    flat = features.reshape(-1)
+    flat[rng.choice(flat.size, 40, replace=False)] = np.nan
+    flat[rng.choice(flat.size, 40, replace=False)] = -np.inf
+    flat[rng.choice(flat.size, 10, replace=False)] = np.inf
+    rois = np.concatenate([random_rois(rng, 2, 17, 23, 300, 0.5), adversarial_rois(2, 17, 23, 0.5)])
+    compare_devices(features, rois, (6, 7), 0.5, layout, bins)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_case_matches_cpu(layout):
+    rng = np.random.default_rng(2)
+    features = random_features(rng, feature_shape(2, 38, 50, 512, layout), np.float32)
+    rois = random_rois(rng, 2, 38, 50, 5000, 1 / 16)
+    arg = compare_devices(features, rois, 7, 1 / 16, layout, "fast_rcnn")
+    assert (arg >= 0).mean() > 0.5
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_gradients_match_cpu(dtype, layout, bins):
+    rng = np.random.default_rng(3)
+    features = random_features(rng, feature_shape(2, 19, 21, 6, layout), dtype)
+    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    rois = np.concatenate([random_rois(rng, 2, 19, 21, 400, 0.5),
+                           adversarial_rois(2, 19, 21, 0.5)]).astype(rois_dtype)
+    pooled = (4, 5)
+    out_shape = feature_shape(len(rois), pooled[0], pooled[1], 6, layout)
+
+    def grad(f, r, cot):
+        _, pullback = jax.vjp(lambda x: jrp.roi_pool(x, r, pooled, 0.5, layout=layout,
+                                                     bins=bins), f)
+        return pullback(cot)[0]
+
+    with x64_for(dtype):
+        # Small integers: sums exact in any order, so atomics cannot change them.
+        cot = rng.integers(-2, 3, out_shape).astype(dtype)
+        assert_bitwise(run_on(gpu(), grad, features, rois, cot),
+                       run_on(cpu(), grad, features, rois, cot), "integer-cotangent gradient")
+        cot = rng.standard_normal(out_shape).astype(dtype)
+        g = run_on(gpu(), grad, features, rois, cot).astype(np.float64)
+        c = run_on(cpu(), grad, features, rois, cot).astype(np.float64)
+    tol = {2: 3e-2, 4: 1e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
+    np.testing.assert_allclose(g, c, rtol=tol, atol=tol)
+
+
+def test_vmap_and_jvp_on_gpu_match_cpu():
+    rng = np.random.default_rng(4)
+    features = random_features(rng, (3, 2, 15, 16, 4), np.float32, "ties")
+    rois = np.stack([random_rois(rng, 2, 15, 16, 50, 1.0) for _ in range(3)])
+    tangent = random_features(rng, features.shape, np.float32)
+
+    def fn(f, r, t):
+        out, out_dot = jax.jvp(lambda x: jrp.roi_pool(x, r, 3), (f,), (t,))
+        return out, out_dot, jrp.roi_pool_with_argmax(f, r, 3)[1]
+
+    got = run_on(gpu(), jax.vmap(fn), features, rois, tangent)
+    want = run_on(cpu(), jax.vmap(fn), features, rois, tangent)
+    for g, w in zip(got, want):
+        assert_bitwise(g, w, "vmapped jvp")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_torchvision_roi_pool(scale):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    if not torch.cuda.is_available():
+        pytest.fail("torch cannot see the GPU that jax sees")
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        n, c = int(rng.integers(1, 4)), int(rng.choice([1, 8, 64]))
+        h, w = int(rng.integers(4, 40)), int(rng.integers(4, 40))
+        features = random_features(rng, (n, c, h, w), np.float32)
+        rois = random_rois(rng, n, h, w, 300, scale)
+        rois = rois[(rois[:, 0] > -1) & (rois[:, 0] < n)]  # torchvision has no invalid RoIs
+        pooled = (int(rng.integers(1, 10)), int(rng.integers(1, 10)))
+        cot = rng.standard_normal((len(rois), c) + pooled).astype(np.float32)
+
+        def ours(f, r, ct):
+            out, pullback = jax.vjp(lambda x: jrp.roi_pool(x, r, pooled, scale,
+                                                           layout="NCHW"), f)
+            return out, pullback(ct)[0]
+
+        out, grad = run_on(gpu(), ours, features, rois, cot)
+        x = torch.from_numpy(features).cuda().requires_grad_(True)
+        theirs = torchvision.ops.roi_pool(x, torch.from_numpy(rois).cuda(), pooled, scale)
+        theirs.backward(torch.from_numpy(cot).cuda())
+        assert_bitwise(out, theirs.detach().cpu().numpy(), f"output vs torchvision (seed {seed})")
+        np.testing.assert_allclose(grad, x.grad.cpu().numpy(), rtol=1e-5, atol=1e-5)

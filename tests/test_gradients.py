@@ -1,0 +1,142 @@
+"""Gradients: scatter-add of the cotangent at the argmax cell; zero for rois."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_roipool as jrp
+import reference_loop
+from conftest import (BINS, DTYPES, LAYOUTS, assert_exact, dtype_id, feature_shape,
+                      random_features, random_rois, x64_for)
+
+
+def problem(seed, dtype, layout, *, kind="normal", r=16, n=2, h=11, w=14, c=3, scale=0.5):
+    rng = np.random.default_rng(seed)
+    features = random_features(rng, feature_shape(n, h, w, c, layout), dtype, kind)
+    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    rois = random_rois(rng, n, h, w, r, scale, dtype=rois_dtype)
+    return rng, features, rois
+
+
+def vjp_features(features, rois, cotangent, pooled, scale, layout, bins):
+    _, pullback = jax.vjp(
+        lambda f: jrp.roi_pool(f, rois, pooled, scale, layout=layout, bins=bins), features)
+    (grad,) = pullback(jnp.asarray(cotangent))
+    return np.asarray(grad)
+
+
+def expected_grad(features, rois, cotangent, pooled, scale, layout, bins):
+    _, argmax = reference_loop.roi_pool_loop(features, rois, pooled, scale, layout=layout,
+                                             bins=bins)
+    return reference_loop.scatter_grad(cotangent, argmax, features.shape, layout=layout), argmax
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=dtype_id)
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_grad_is_exact_scatter(kind, dtype, layout, bins):
+    # Small-integer cotangents: every partial sum is exact, so any summation
+    # order must give exactly the reference.
+    with x64_for(dtype):
+        rng, features, rois = problem(1, dtype, layout, kind=kind)
+        pooled = (3, 4)
+        out_shape = np.asarray(jrp.roi_pool(features, rois, pooled, 0.5, layout=layout,
+                                            bins=bins)).shape
+        cotangent = rng.integers(-3, 4, out_shape).astype(dtype)
+        grad = vjp_features(features, rois, cotangent, pooled, 0.5, layout, bins)
+        want, argmax = expected_grad(features, rois, cotangent, pooled, 0.5, layout, bins)
+        assert grad.dtype == dtype and grad.shape == features.shape
+        assert_exact(grad, want, "feature gradient")
+        assert (argmax >= 0).any() and np.abs(want).sum() > 0
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_grad_random_cotangent(dtype, layout, bins):
+    with x64_for(dtype):
+        rng, features, rois = problem(2, dtype, layout, r=40)
+        pooled = 4
+        out_shape = np.asarray(jrp.roi_pool(features, rois, pooled, 0.5, layout=layout,
+                                            bins=bins)).shape
+        cotangent = rng.standard_normal(out_shape).astype(dtype)
+        grad = vjp_features(features, rois, cotangent, pooled, 0.5, layout, bins)
+        want, argmax = expected_grad(features, rois, cotangent, pooled, 0.5, layout, bins)
+        tol = {2: 2e-2, 4: 1e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
+        np.testing.assert_allclose(grad.astype(np.float64), want, rtol=tol, atol=tol)
+        # Cells that are nobody's argmax get exactly zero.
+        hits = reference_loop.scatter_grad(np.ones(argmax.shape), argmax, features.shape,
+                                           layout=layout)
+        assert np.all(grad.astype(np.float64)[hits == 0] == 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grad_of_sum_counts_argmax_hits(layout):
+    rng, features, rois = problem(3, np.float32, layout, kind="ties", r=30)
+    grad = jax.grad(lambda f: jrp.roi_pool(f, rois, 5, 0.5, layout=layout).sum())(features)
+    _, argmax = reference_loop.roi_pool_loop(features, rois, 5, 0.5, layout=layout)
+    want = reference_loop.scatter_grad(np.ones(argmax.shape), argmax, features.shape,
+                                       layout=layout)
+    assert_exact(grad, want, "gradient of sum")
+    assert want.max() > 1  # overlapping bins / RoIs share cells: the test has teeth
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_check_grads_second_order(layout, bins):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        shape = feature_shape(2, 7, 9, 2, layout)
+        # Distinct values 0.01 apart: finite differences never change the argmax.
+        features = (rng.permutation(int(np.prod(shape))) * 0.01).reshape(shape)
+        rois = random_rois(rng, 2, 7, 9, 10, 1.0, dtype=np.float64)
+        f = lambda x: jrp.roi_pool(x, rois, (3, 2), layout=layout, bins=bins)  # noqa: E731
+        assert np.abs(np.asarray(f(features))).sum() > 0
+        check_grads(f, (features,), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=dtype_id)
+def test_rois_gradient_is_zero(dtype, layout):
+    with x64_for(dtype):
+        _, features, rois = problem(5, dtype, layout)
+        loss = lambda r: (jrp.roi_pool(features, r, 3, 0.5, layout=layout) ** 2).sum()  # noqa
+        grad = jax.grad(loss)(rois)
+        assert grad.shape == rois.shape and grad.dtype == rois.dtype
+        assert np.all(np.asarray(grad) == 0)
+        both = jax.grad(lambda f, r: jrp.roi_pool(f, r, 3, 0.5, layout=layout).sum(),
+                        argnums=(0, 1))(features, rois)
+        assert np.all(np.asarray(both[1]) == 0) and np.abs(np.asarray(both[0])).sum() > 0
+        _, tangent = jax.jvp(lambda r: jrp.roi_pool(features, r, 3, 0.5, layout=layout),
+                             (rois,), (jnp.ones_like(rois),))
+        assert np.all(np.asarray(tangent) == 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jvp_gathers_tangent_at_argmax(layout):
+    rng, features, rois = problem(6, np.float32, layout)
+    tangent = random_features(rng, features.shape, np.float32)
+    out, out_dot = jax.jvp(lambda f: jrp.roi_pool(f, rois, (2, 5), 0.5, layout=layout),
+                           (features,), (tangent,))
+    _, argmax = reference_loop.roi_pool_loop(features, rois, (2, 5), 0.5, layout=layout)
+    # The tangent of each output is the tangent at its argmax cell (0 for empty bins).
+    picked = np.where(argmax >= 0, gather_at(tangent, argmax, layout), 0.0)
+    assert_exact(out_dot, picked, "jvp tangent")
+    assert_exact(out, reference_loop.roi_pool_loop(features, rois, (2, 5), 0.5,
+                                                   layout=layout)[0], "jvp primal")
+
+
+def gather_at(values, argmax, layout):
+    """values[cell, channel] for each argmax entry (cell index clipped at 0)."""
+    v = reference_loop.to_float64(values)
+    if layout == "NCHW":
+        v = v.transpose(0, 2, 3, 1)
+        argmax = argmax.transpose(0, 2, 3, 1)
+    flat = v.reshape(-1, v.shape[-1])
+    out = flat[np.maximum(argmax, 0), np.arange(v.shape[-1])]
+    return out.transpose(0, 3, 1, 2) if layout == "NCHW" else out

@@ -1,0 +1,179 @@
+"""Invalid RoIs, extreme coordinates and non-finite features: defined results, no crash."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roipool as jrp
+import reference_loop
+from conftest import (BINS, DTYPES, LAYOUTS, assert_exact, check_case, dtype_id, feature_shape,
+                      random_features, x64_for)
+
+N, H, W, C = 2, 8, 10, 3
+VALID = [1, 1, 2, 8, 7]  # a box well inside image 1
+
+
+def features_for(layout, dtype=np.float32, seed=0):
+    return random_features(np.random.default_rng(seed), feature_shape(N, H, W, C, layout), dtype)
+
+
+def roi_slice(x, k, layout):
+    """Output (or argmax) of RoI k, NHWC-ordered."""
+    x = np.asarray(x)[k]
+    return x if layout == "NHWC" else x.transpose(1, 2, 0)
+
+
+def assert_roi_invalid(features, rois, k, *, layout, bins, scale=1.0):
+    """RoI k gives zeros, argmax -1 and no gradient; the whole call equals the references."""
+    out, arg = check_case(features, rois, (2, 3), scale, layout=layout, bins=bins)
+    assert np.all(roi_slice(out, k, layout).astype(np.float64) == 0)
+    assert np.all(roi_slice(arg, k, layout) == -1)
+    grad = jax.grad(lambda f: jnp.sum(
+        jrp.roi_pool(f, rois, (2, 3), scale, layout=layout, bins=bins)[k].astype(jnp.float32)))(
+            features)
+    assert np.all(np.asarray(grad).astype(np.float64) == 0)
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch", [-1.0, -1.5, float(N), N + 0.5, 1e9, -1e9, np.nan, np.inf,
+                                   -np.inf])
+def test_invalid_batch_index(batch, layout, bins):
+    rois = np.array([VALID, [batch, 0, 0, 9, 7], VALID], np.float32)
+    assert_roi_invalid(features_for(layout), rois, 1, layout=layout, bins=bins)
+
+
+@pytest.mark.parametrize("batch, image", [(-0.99, 0), (-0.5, 0), (0.999, 0), (1.0, 1),
+                                          (N - 0.01, N - 1)])
+def test_fractional_batch_index_truncates(batch, image):
+    features = features_for("NHWC")
+    rois = np.array([[batch, 0, 0, 9, 7]], np.float32)
+    out, _ = check_case(features, rois, 1)
+    assert np.array_equal(out[0, 0, 0], features[image].max(axis=(0, 1)))
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("column", [1, 2, 3, 4])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_coordinate(value, column, layout, bins):
+    roi = [0, 1, 1, 6, 6]
+    roi[column] = value
+    rois = np.array([VALID, roi], np.float32)
+    assert_roi_invalid(features_for(layout), rois, 1, layout=layout, bins=bins)
+
+
+@pytest.mark.parametrize("bins", BINS)
+def test_coordinate_overflowing_after_scaling(bins):
+    # 1e30 is finite, but 1e30 * 1e10 overflows float32: the RoI is invalid.
+    rois = np.array([VALID, [0, 0, 0, 1e30, 1e-10]], np.float32)
+    assert_roi_invalid(features_for("NHWC"), rois, 1, layout="NHWC", bins=bins, scale=1e10)
+
+
+HUGE = [
+    [0, -1e30, -1e30, 1e30, 1e30],
+    [0, 1e30, 1e30, -1e30, -1e30],
+    [1, -1e30, 0, 5, 1e30],
+    [1, 3, 3, 1e30, 4],
+    [0, -3e9, -3e9, 3e9, 3e9],
+    [0, 2.0**31, 0, 2.0**31, 5],
+    [1, -(2.0**31), 2, -(2.0**31) + 100, 6],
+    [0, 2.0**28 - 0.5, 0, 2.0**28 + 3, 7],
+    [1, -(2.0**28) - 8, -1, 2.0**28 + 8, 1],
+    [0, 3.4e38, 3.4e38, 3.4e38, 3.4e38],
+]
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pooled", [1, (2, 3), 7])
+def test_huge_coordinates_are_clamped(pooled, layout, bins):
+    rois = np.array(HUGE, np.float32)
+    check_case(features_for(layout), rois, pooled, layout=layout, bins=bins)
+
+
+@pytest.mark.parametrize("bins", BINS)
+def test_huge_float64_coordinates(bins):
+    with jax.enable_x64(True):
+        rois = np.array(HUGE + [[0, -1e300, -1e300, 1e300, 1e300], [1, 1e300, 0, 2e300, 4]],
+                        np.float64)
+        check_case(features_for("NHWC", np.float64), rois, (3, 2), bins=bins)
+
+
+def test_whole_plane_roi_with_huge_corners_covers_the_map():
+    # Corners clamp to +-2^28; with one bin, that bin covers the whole map.
+    features = features_for("NHWC")
+    rois = np.array([[1, -1e30, -1e30, 1e30, 1e30]], np.float32)
+    out, _ = check_case(features, rois, 1)
+    assert np.array_equal(out[0, 0, 0], features[1].max(axis=(0, 1)))
+
+
+def nan_cells(features_nhwc, rois, pooled, bins):
+    """Expected NaN mask of the output from the spans (independent of the max code)."""
+    n, h, w, c = features_nhwc.shape
+    mask = np.zeros((len(rois), pooled, pooled, c), bool)
+    isnan = np.isnan(features_nhwc.astype(np.float64))
+    for k, roi in enumerate(rois):
+        geometry = reference_loop.roi_geometry(roi, n, h, w, (pooled, pooled), 1.0, bins,
+                                               np.float32)
+        if geometry is None:
+            continue
+        b, rows, cols = geometry
+        for i, (h0, h1) in enumerate(rows):
+            for j, (w0, w1) in enumerate(cols):
+                mask[k, i, j] = isnan[b, h0:h1, w0:w1].any(axis=(0, 1))
+    return mask
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nan_features_propagate(dtype, layout, bins):
+    nhwc = features_for("NHWC", np.float32, seed=1)
+    nhwc[0, 2, 3, 0] = np.nan
+    nhwc[0, 5, 1, 1] = np.nan
+    nhwc[0, 5, 6, 1] = np.nan  # second NaN in some bins: the first in row-major order wins
+    nhwc[1, 0, 0, :] = np.nan
+    nhwc[0, 4, 4, 2] = 100.0  # a larger value after a NaN does not win
+    nhwc = nhwc.astype(dtype)
+    features = nhwc if layout == "NHWC" else nhwc.transpose(0, 3, 1, 2)
+    rois = np.array([[0, 0, 0, 9, 7], [0, 2, 1, 7, 6], [1, 0, 0, 3, 3], [0, 4, 4, 9, 7],
+                     [1, 1, 1, 9, 7]], np.float32)
+    with x64_for(dtype):
+        out, arg = check_case(features, rois, 3, layout=layout, bins=bins)
+    out = out if layout == "NHWC" else out.transpose(0, 2, 3, 1)
+    want = nan_cells(nhwc, rois, 3, bins)
+    assert want.any() and not want.all()
+    assert np.array_equal(np.isnan(out.astype(np.float64)), want)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_infinite_features(dtype, layout):
+    features = np.full(feature_shape(N, H, W, C, layout), -np.inf, dtype)
+    rois = np.array([[0, 0, 0, 9, 7], [1, 2, 2, 5, 5], [0, 20, 20, 30, 30]], np.float32)
+    with x64_for(dtype):
+        out, arg = check_case(features, rois, 2, layout=layout)
+        # Non-empty bins of an all -inf map are -inf (argmax: the bin's first cell);
+        # the RoI outside the map gives empty bins: 0 and -1.
+        assert np.all(np.isneginf(out[:2].astype(np.float64))) and np.all(arg[:2] >= 0)
+        assert np.all(out[2].astype(np.float64) == 0) and np.all(arg[2] == -1)
+        features = features.copy()
+        features.reshape(-1)[::7] = np.inf
+        out, _ = check_case(features, rois, 2, layout=layout)
+        assert np.isposinf(out.astype(np.float64)).any()
+
+
+def test_invalid_roi_gradient_in_mixed_batch():
+    # Valid and invalid RoIs together: the gradient is exactly the valid RoIs' scatter.
+    features = features_for("NHWC")
+    rois = np.array([VALID, [N, 0, 0, 9, 7], [0, np.nan, 0, 4, 4], [-1, 0, 0, 9, 7],
+                     [0, 0, 0, 9, 7]], np.float32)
+    grad = jax.grad(lambda f: jnp.sum(jrp.roi_pool(f, rois, 3)))(features)
+    _, arg = reference_loop.roi_pool_loop(features, rois, 3)
+    assert np.all(arg[1:4] == -1)
+    want = reference_loop.scatter_grad(np.ones(arg.shape), arg, features.shape)
+    assert_exact(grad, want)

@@ -1,0 +1,285 @@
+"""JAX transformations: jit, vmap (any axes, nested), grad/jvp/jacobians, eval_shape, checkpoint."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roipool as jrp
+import reference_loop
+from conftest import BINS, LAYOUTS, assert_exact, feature_shape, random_features, random_rois
+
+POOLED = (3, 4)
+SCALE = 0.5
+N, H, W, C = 2, 9, 11, 3
+B = 3  # vmapped batch size
+
+
+def pool(features, rois, layout="NHWC", bins="fast_rcnn"):
+    return jrp.roi_pool_with_argmax(features, rois, POOLED, SCALE, layout=layout, bins=bins)
+
+
+def loop(features, rois, layout="NHWC", bins="fast_rcnn"):
+    return reference_loop.roi_pool_loop(features, rois, POOLED, SCALE, layout=layout, bins=bins)
+
+
+def hard_rois(rng, r=10):
+    """Random rois plus batch indices that a careless batching rule would send
+    into a neighbouring copy of the images: -0.5 and N - 0.25 are valid
+    (images 0 and N-1), -1, N and N + 0.5 are invalid."""
+    rois = random_rois(rng, N, H, W, r, SCALE)
+    whole = [0, 0, 0, W / SCALE - 1, H / SCALE - 1]
+    extra = np.array([[b] + whole[1:] for b in (-0.5, N - 0.25, -1, N, N + 0.5)], np.float32)
+    return np.concatenate([rois, extra]).astype(np.float32)
+
+
+def batched_inputs(seed, layout, kind="normal"):
+    rng = np.random.default_rng(seed)
+    features = random_features(rng, (B,) + feature_shape(N, H, W, C, layout), np.float32, kind)
+    rois = np.stack([hard_rois(rng) for _ in range(B)])
+    return features, rois
+
+
+def stacked_loop(features, rois, f_axis, r_axis, layout, bins):
+    """Expected vmapped (out, argmax): the loop reference per batch element."""
+    outs, args = [], []
+    for b in range(B):
+        f = features if f_axis is None else np.take(features, b, axis=f_axis)
+        r = rois if r_axis is None else np.take(rois, b, axis=r_axis)
+        out, arg = loop(f, r, layout, bins)
+        outs.append(out)
+        args.append(arg)
+    return np.stack(outs), np.stack(args)
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eager_equals_jit(layout, bins):
+    features, rois = batched_inputs(0, layout)
+    features, rois = features[0], rois[0]
+    want_out, want_arg = loop(features, rois, layout, bins)
+    for fn in (pool, jax.jit(pool, static_argnames=("layout", "bins"))):
+        out, arg = fn(features, rois, layout=layout, bins=bins)
+        assert_exact(out, want_out)
+        assert_exact(arg, want_arg)
+
+
+# (features batch axis, rois batch axis); None = not mapped.
+VMAP_AXES = [(0, None), (None, 0), (0, 0), (1, None), (None, 1), (1, 1), (4, 2), (3, 0)]
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("f_axis, r_axis", VMAP_AXES)
+def test_vmap(f_axis, r_axis, layout, bins):
+    features, rois = batched_inputs(1, layout, kind="ties")
+    features = features[0] if f_axis is None else np.moveaxis(features, 0, f_axis)
+    rois = rois[0] if r_axis is None else np.moveaxis(rois, 0, r_axis)
+    fn = jax.vmap(functools.partial(pool, layout=layout, bins=bins), in_axes=(f_axis, r_axis))
+    want_out, want_arg = stacked_loop(features, rois, f_axis, r_axis, layout, bins)
+    for f in (fn, jax.jit(fn)):
+        out, arg = f(features, rois)
+        assert_exact(out, want_out, "vmapped output")
+        assert_exact(arg, want_arg, "vmapped argmax (indices into each element's own features)")
+
+
+def test_vmap_out_axes():
+    features, rois = batched_inputs(2, "NHWC")
+    out, arg = jax.vmap(pool, in_axes=(0, 0), out_axes=2)(features, rois)
+    want_out, want_arg = stacked_loop(features, rois, 0, 0, "NHWC", "fast_rcnn")
+    assert_exact(out, np.moveaxis(want_out, 0, 2))
+    assert_exact(arg, np.moveaxis(want_arg, 0, 2))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nested_vmap(layout):
+    rng = np.random.default_rng(3)
+    b1, b2 = 2, 3
+    features = random_features(rng, (b1, b2) + feature_shape(N, H, W, C, layout), np.float32)
+    rois = np.stack([hard_rois(rng) for _ in range(b1)])  # shared across the inner axis
+    inner = jax.vmap(functools.partial(pool, layout=layout), in_axes=(0, None))
+    out, arg = jax.jit(jax.vmap(inner, in_axes=(0, 0)))(features, rois)
+    assert out.shape[:2] == (b1, b2)
+    for i in range(b1):
+        for j in range(b2):
+            want_out, want_arg = loop(features[i, j], rois[i], layout)
+            assert_exact(out[i, j], want_out)
+            assert_exact(arg[i, j], want_arg)
+
+
+def per_example_grad(features, rois, cotangent, layout, bins="fast_rcnn"):
+    _, arg = loop(features, rois, layout, bins)
+    return reference_loop.scatter_grad(cotangent, arg, features.shape, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("f_axis, r_axis", [(0, None), (None, 0), (0, 0)])
+def test_vmap_of_grad(f_axis, r_axis, layout):
+    features, rois = batched_inputs(4, layout, kind="ties")
+    features = features[0] if f_axis is None else features
+    rois = rois[0] if r_axis is None else rois
+    rng = np.random.default_rng(5)
+    out_shape = feature_shape(rois.shape[-2], POOLED[0], POOLED[1], C, layout)
+    weights = rng.integers(-2, 3, (B,) + out_shape).astype(np.float32)
+
+    def loss(f, r, w):
+        return jnp.sum(pool(f, r, layout)[0] * w)
+
+    grads = jax.vmap(jax.grad(loss), in_axes=(f_axis, r_axis, 0))(features, rois, weights)
+    for b in range(B):
+        f = features if f_axis is None else features[b]
+        r = rois if r_axis is None else rois[b]
+        assert_exact(grads[b], per_example_grad(f, r, weights[b], layout))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_of_jvp(layout):
+    features, rois = batched_inputs(6, layout)
+    tangents = random_features(np.random.default_rng(7), features.shape, np.float32)
+
+    def jvp(f, r, t):
+        return jax.jvp(lambda x: pool(x, r, layout)[0], (f,), (t,))
+
+    outs, out_dots = jax.vmap(jvp)(features, rois, tangents)
+    for b in range(B):
+        want_out, arg = loop(features[b], rois[b], layout)
+        assert_exact(outs[b], want_out)
+        # The tangent picks the tangent at the argmax cell: a one-hot cotangent pull-back.
+        want_dot = np.where(arg >= 0, gather(tangents[b], arg, layout), 0.0)
+        assert_exact(out_dots[b], want_dot)
+
+
+def gather(values, argmax, layout):
+    """values[argmax cell, channel] per output element (argmax clipped at 0)."""
+    v = reference_loop.to_float64(values)
+    if layout == "NCHW":
+        v, argmax = v.transpose(0, 2, 3, 1), argmax.transpose(0, 2, 3, 1)
+    picked = v.reshape(-1, v.shape[-1])[np.maximum(argmax, 0), np.arange(v.shape[-1])]
+    return picked.transpose(0, 3, 1, 2) if layout == "NCHW" else picked
+
+
+def small_problem(layout, seed=8):
+    rng = np.random.default_rng(seed)
+    features = random_features(rng, feature_shape(1, 5, 6, 2, layout), np.float32, "ties")
+    rois = np.array([[0, 0, 0, 11, 9], [0, 2, 2, 6, 8], [0, 100, 100, 120, 120],
+                     [1, 0, 0, 4, 4]], np.float32)  # includes an outside box and an invalid one
+    return features, rois
+
+
+def expected_jacobian(features, rois, layout):
+    """d out / d features: one-hot at each output's argmax cell (same channel)."""
+    out, arg = loop(features, rois, layout)
+    jac = np.zeros(out.shape + features.shape)
+    for index in np.ndindex(out.shape):
+        if arg[index] < 0:
+            continue
+        one_hot = np.zeros(out.shape)
+        one_hot[index] = 1.0
+        jac[index] = reference_loop.scatter_grad(one_hot, arg, features.shape, layout=layout)
+    return jac
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jacfwd_jacrev(layout):
+    features, rois = small_problem(layout)
+    f = lambda x: pool(x, rois, layout)[0]  # noqa: E731
+    want = expected_jacobian(features, rois, layout)
+    assert want.any()
+    for jac in (jax.jacfwd(f), jax.jacrev(f), jax.jit(jax.jacrev(f))):
+        assert_exact(jac(features), want, "jacobian")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hessian_is_zero(layout):
+    features, rois = small_problem(layout)
+    hess = jax.hessian(lambda x: jnp.sum(pool(x, rois, layout)[0]))(features)
+    assert hess.shape == features.shape * 2
+    assert np.all(np.asarray(hess) == 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grad_of_grad(layout):
+    # loss = sum(out**2): grad = S(2 G(f)) (G gathers at argmax, S scatters),
+    # so d/df <grad(loss)(f), v> = 2 S(G(v)).
+    features, rois = small_problem(layout)
+    v = random_features(np.random.default_rng(9), features.shape, np.float32)
+
+    def loss(x):
+        return jnp.sum(pool(x, rois, layout)[0] ** 2)
+
+    second = jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(features)
+    _, arg = loop(features, rois, layout)
+    picked = np.where(arg >= 0, gather(v, arg, layout), 0.0)
+    want = 2 * reference_loop.scatter_grad(picked, arg, features.shape, layout=layout)
+    np.testing.assert_allclose(np.asarray(second), want, rtol=1e-6, atol=1e-6)
+    assert np.abs(want).sum() > 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_shape(layout):
+    features = jax.ShapeDtypeStruct(feature_shape(2, 30, 40, 7, layout), jnp.bfloat16)
+    rois = jax.ShapeDtypeStruct((13, 5), jnp.float32)
+    out, arg = jax.eval_shape(lambda f, r: jrp.roi_pool_with_argmax(f, r, (5, 6), layout=layout),
+                              features, rois)
+    assert out.shape == arg.shape == feature_shape(13, 5, 6, 7, layout)
+    assert out.dtype == jnp.bfloat16 and arg.dtype == jnp.int32
+    assert jax.eval_shape(lambda f, r: jrp.roi_pool(f, r, 3, layout=layout), features,
+                          rois).shape == feature_shape(13, 3, 3, 7, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint(layout):
+    features, rois = small_problem(layout)
+    cot = np.arange(np.prod(loop(features, rois, layout)[0].shape), dtype=np.float32)
+
+    def loss(x):
+        return jnp.sum(pool(x, rois, layout)[0].ravel() * cot)
+
+    got = jax.grad(jax.checkpoint(loss))(features)
+    want = jax.grad(loss)(features)
+    assert_exact(got, reference_loop.to_float64(want))
+    _, arg = loop(features, rois, layout)
+    assert_exact(got, per_example_grad(features, rois, cot.reshape(arg.shape), layout))
+
+
+def sub_jaxprs(value):
+    """Jaxprs nested in an equation parameter (pjit, custom_vjp, cond branches, ...)."""
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from sub_jaxprs(item)
+
+
+def primitive_names(jaxpr):
+    """Names of all primitives in a jaxpr, recursively."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in sub_jaxprs(value):
+                names.extend(primitive_names(sub))
+    return names
+
+
+@pytest.mark.parametrize("f_axis, r_axis", [(0, None), (None, 0), (0, 0), (1, 1)])
+def test_vmap_is_one_kernel_call(f_axis, r_axis):
+    features, rois = batched_inputs(10, "NHWC")
+    features = features[0] if f_axis is None else np.moveaxis(features, 0, f_axis)
+    rois = rois[0] if r_axis is None else np.moveaxis(rois, 0, r_axis)
+    batched = jax.vmap(pool, in_axes=(f_axis, r_axis))
+    names = primitive_names(jax.make_jaxpr(batched)(features, rois).jaxpr)
+    assert names.count("roi_pool") == 1, names
+    assert not {"scan", "while"} & set(names), names
+    text = str(jax.make_jaxpr(batched)(features, rois))
+    assert "scan" not in text and "while" not in text
+
+    grads = jax.vmap(jax.grad(lambda f, r: jnp.sum(pool(f, r)[0])), in_axes=(f_axis, r_axis))
+    names = primitive_names(jax.make_jaxpr(grads)(features, rois).jaxpr)
+    assert not {"scan", "while"} & set(names), names

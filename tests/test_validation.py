@@ -1,0 +1,116 @@
+"""Bad arguments raise TypeError/ValueError at trace time, naming the argument."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roipool as jrp
+import jax_roipool.reference as ref
+
+FEATURES = np.ones((2, 6, 7, 3), np.float32)
+ROIS = np.array([[0, 0, 0, 4, 4], [1, 1, 1, 5, 5]], np.float32)
+GOOD = dict(features=FEATURES, rois=ROIS, output_size=2, spatial_scale=1.0, layout="NHWC",
+            bins="fast_rcnn")
+
+# (overrides of GOOD, exception, regex that must appear in the message)
+BAD_CASES = {
+    "features_rank3": (dict(features=np.ones((6, 7, 3), np.float32)), ValueError, "features"),
+    "features_rank5": (dict(features=np.ones((1, 2, 6, 7, 3), np.float32)), ValueError,
+                       "features"),
+    "features_int32": (dict(features=np.ones((2, 6, 7, 3), np.int32)), TypeError, "features"),
+    "features_uint8": (dict(features=np.ones((2, 6, 7, 3), np.uint8)), TypeError, "features"),
+    "features_bool": (dict(features=np.ones((2, 6, 7, 3), bool)), TypeError, "features"),
+    "features_complex": (dict(features=np.ones((2, 6, 7, 3), np.complex64)), TypeError,
+                         "features"),
+    "features_empty_spatial": (dict(features=np.ones((2, 0, 7, 3), np.float32)), ValueError,
+                               "features"),
+    "rois_rank1": (dict(rois=np.zeros(5, np.float32)), ValueError, "rois"),
+    "rois_R4": (dict(rois=np.zeros((3, 4), np.float32)), ValueError, "rois"),
+    "rois_R6": (dict(rois=np.zeros((3, 6), np.float32)), ValueError, "rois"),
+    "rois_rank3_width5": (dict(rois=np.zeros((2, 3, 5), np.float32)), ValueError, "rois"),
+    "rois_int32": (dict(rois=ROIS.astype(np.int32)), TypeError, "rois"),
+    "rois_bool": (dict(rois=ROIS.astype(bool)), TypeError, "rois"),
+    "output_size_0": (dict(output_size=0), ValueError, "output_size"),
+    "output_size_negative": (dict(output_size=-3), ValueError, "output_size"),
+    "output_size_pair_with_0": (dict(output_size=(2, 0)), ValueError, "output_size"),
+    "output_size_float": (dict(output_size=2.5), TypeError, "output_size"),
+    "output_size_float_in_pair": (dict(output_size=(2, 2.0)), TypeError, "output_size"),
+    "output_size_bool": (dict(output_size=True), TypeError, "output_size"),
+    "output_size_str": (dict(output_size="7"), TypeError, "output_size"),
+    "output_size_len1": (dict(output_size=(2,)), ValueError, "output_size"),
+    "output_size_len3": (dict(output_size=(2, 2, 2)), ValueError, "output_size"),
+    "layout_NHCW": (dict(layout="NHCW"), ValueError, "layout"),
+    "layout_lowercase": (dict(layout="nhwc"), ValueError, "layout"),
+    "layout_none": (dict(layout=None), ValueError, "layout"),
+    "bins_unknown": (dict(bins="bilinear"), ValueError, "bins"),
+    "bins_none": (dict(bins=None), ValueError, "bins"),
+    "spatial_scale_0": (dict(spatial_scale=0.0), ValueError, "spatial_scale"),
+    "spatial_scale_negative": (dict(spatial_scale=-0.5), ValueError, "spatial_scale"),
+    "spatial_scale_nan": (dict(spatial_scale=float("nan")), ValueError, "spatial_scale"),
+    "spatial_scale_inf": (dict(spatial_scale=float("inf")), ValueError, "spatial_scale"),
+    "spatial_scale_str": (dict(spatial_scale="half"), TypeError, "spatial_scale"),
+}
+
+# Both entry points of the native op and the jax reference share the checks.
+FUNCTIONS = {
+    "roi_pool": jrp.roi_pool,
+    "roi_pool_with_argmax": jrp.roi_pool_with_argmax,
+    "reference.roi_pool": ref.roi_pool,
+}
+
+
+def call(fn, features, rois, output_size, spatial_scale, layout, bins):
+    return fn(features, rois, output_size, spatial_scale, layout=layout, bins=bins)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS.values(), ids=FUNCTIONS.keys())
+@pytest.mark.parametrize("case", BAD_CASES.values(), ids=BAD_CASES.keys())
+def test_bad_argument_raises_eagerly(case, fn):
+    overrides, error, pattern = case
+    with pytest.raises(error, match=pattern):
+        call(fn, **{**GOOD, **overrides})
+
+
+@pytest.mark.parametrize("case", BAD_CASES.values(), ids=BAD_CASES.keys())
+def test_bad_argument_raises_at_trace_time(case):
+    overrides, error, pattern = case
+    args = {**GOOD, **overrides}
+    features, rois = args.pop("features"), args.pop("rois")
+    traced = jax.jit(lambda f, r: jrp.roi_pool(f, r, args["output_size"], args["spatial_scale"],
+                                               layout=args["layout"], bins=args["bins"]))
+    # eval_shape only traces: nothing runs, so the error must come from tracing.
+    with pytest.raises(error, match=pattern):
+        jax.eval_shape(traced, jax.ShapeDtypeStruct(features.shape, features.dtype),
+                       jax.ShapeDtypeStruct(rois.shape, rois.dtype))
+
+
+def test_good_arguments_pass():
+    # The baseline of every bad case is valid: each failure above is due to its override.
+    for fn in FUNCTIONS.values():
+        call(fn, **GOOD)
+    for output_size in (1, (1, 9), [3, 2], np.int64(4)):
+        jrp.roi_pool(FEATURES, ROIS, output_size)
+    jrp.roi_pool(FEATURES, ROIS, 2, np.float32(0.25))
+    jrp.roi_pool(FEATURES, ROIS, 2, 3)  # an int scale is a number too
+
+
+def test_traced_spatial_scale_rejected():
+    with pytest.raises(TypeError, match="spatial_scale"):
+        jax.jit(lambda s: jrp.roi_pool(FEATURES, ROIS, 2, s))(0.5)
+
+
+def test_float64_rois_without_x64_are_accepted():
+    # Without x64, float64 numpy rois become float32 (computed in float32).
+    assert not jax.config.jax_enable_x64
+    out = jrp.roi_pool(FEATURES, ROIS.astype(np.float64), 2)
+    assert out.dtype == jnp.float32
+
+
+def test_errors_name_the_shape_or_dtype():
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        jrp.roi_pool(FEATURES, np.zeros((3, 4), np.float32), 2)
+    with pytest.raises(TypeError, match="int32"):
+        jrp.roi_pool(FEATURES.astype(np.int32), ROIS, 2)
