@@ -13,6 +13,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "roipool_geometry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -166,6 +170,23 @@ int64_t grain_for(ffi::ThreadPool& pool, int64_t count) {
   return std::max<int64_t>(1, count / (8 * workers));
 }
 
+// Large result buffers are fresh mmap allocations that the first write
+// page-faults in, 4 KiB at a time; for the tens of MiB of a typical forward
+// output that costs more than the pooling itself. Asking for transparent huge
+// pages on the buffer (a hint, no effect on its contents) cuts the faults
+// 512-fold where the system allows THP on request ("madvise" mode).
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Shapes. Output-shaped buffers are [R, PH, PW, C] (NHWC) or [R, C, PH, PW]
 // (NCHW); feature-shaped ones [N, H, W, C] or [N, C, H, W].
@@ -212,108 +233,145 @@ inline int64_t cell_offset(int64_t cell, int64_t c, const FeatureShape& f,
 #define ROIPOOL_VECTOR_CLONES
 #endif
 
-// Folds one more cell (its C channels) into the running maxima of a bin.
+// Fold one more cell (its C channels) into the running maxima of a bin.
+// Each lane loads the old maximum and always stores the new one, so the
+// compiler emits compare + blend; a conditional store would become a masked
+// store, which is very slow on some x86 cores.
 template <typename T>
 ROIPOOL_VECTOR_CLONES void fold_cell(const T* __restrict px,
                                      typename Element<T>::Acc* __restrict best,
-                                     int32_t* __restrict best_cell,
-                                     int32_t cell, int64_t channels) {
+                                     int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const auto v = Element<T>::load(px[c]);
-    const bool take = replaces_max(v, best[c]);
-    best[c] = take ? v : best[c];
-    if (best_cell) best_cell[c] = take ? cell : best_cell[c];
+    const auto b = best[c];
+    best[c] = replaces_max(v, b) ? v : b;
   }
 }
 
+template <typename T>
+ROIPOOL_VECTOR_CLONES void fold_cell_argmax(
+    const T* __restrict px, typename Element<T>::Acc* __restrict best,
+    int32_t* __restrict best_cell, int32_t cell, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const auto v = Element<T>::load(px[c]);
+    const auto b = best[c];
+    const int32_t i = best_cell[c];
+    const bool take = replaces_max(v, b);
+    best[c] = take ? v : b;
+    best_cell[c] = take ? cell : i;
+  }
+}
+
+// Pools the bins [k_begin, k_end) (flat ph * PW + pw) of one RoI from an
+// NHWC image [H, W, C] into out[(k - k_begin) * C + c], and their cells into
+// argmax likewise when it is non-null. `best` and `best_cell` hold C values.
+template <typename T, typename C>
+void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
+                    const PooledShape& p, int32_t bins, int64_t k_begin,
+                    int64_t k_end, T* out, int32_t* argmax,
+                    typename Element<T>::Acc* best, int32_t* best_cell) {
+  using Acc = typename Element<T>::Acc;
+  const int32_t row0 = int32_t(g.batch * f.h);
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const int32_t ph = int32_t(k / p.pw), pw = int32_t(k % p.pw);
+    const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
+    const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
+    T* y = out + (k - k_begin) * f.c;
+    int32_t* arg = argmax ? argmax + (k - k_begin) * f.c : nullptr;
+    if (!g.valid || sy.empty() || sx.empty()) {
+      std::fill(y, y + f.c, Element<T>::store(Acc(0)));
+      if (arg) std::fill(arg, arg + f.c, -1);
+      continue;
+    }
+    const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c;
+    for (int64_t c = 0; c < f.c; ++c) best[c] = Element<T>::load(first[c]);
+    if (arg)
+      std::fill(best_cell, best_cell + f.c,
+                (row0 + sy.begin) * int32_t(f.w) + sx.begin);
+    for (int32_t h = sy.begin; h < sy.end; ++h) {
+      // The first cell is already folded in.
+      for (int32_t w = (h == sy.begin ? sx.begin + 1 : sx.begin); w < sx.end;
+           ++w) {
+        const T* px = image + (int64_t(h) * f.w + w) * f.c;
+        if (arg)
+          fold_cell_argmax<T>(px, best, best_cell,
+                              (row0 + h) * int32_t(f.w) + w, f.c);
+        else
+          fold_cell<T>(px, best, f.c);
+      }
+    }
+    for (int64_t c = 0; c < f.c; ++c) y[c] = Element<T>::store(best[c]);
+    if (arg) std::copy(best_cell, best_cell + f.c, arg);
+  }
+}
+
+// NHWC: each RoI's bins go straight to the output.
 template <typename T, typename C>
 void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
                   const FeatureShape& f, const PooledShape& p, C scale,
                   int32_t bins, int64_t roi_begin, int64_t roi_end) {
-  using Acc = typename Element<T>::Acc;
-  std::vector<Acc> best(f.c);
+  std::vector<typename Element<T>::Acc> best(f.c);
   std::vector<int32_t> best_cell(argmax ? f.c : 0);
+  const int64_t roi_size = p.ph * p.pw * f.c;
   for (int64_t r = roi_begin; r < roi_end; ++r) {
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
-    const T* image = features + g.batch * f.h * f.w * f.c;
-    for (int32_t ph = 0; ph < p.ph; ++ph) {
-      const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
-      for (int32_t pw = 0; pw < p.pw; ++pw) {
-        const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
-        const int64_t o = ((r * p.ph + ph) * p.pw + pw) * f.c;
-        if (!g.valid || sy.empty() || sx.empty()) {
-          std::fill(out + o, out + o + f.c, Element<T>::store(Acc(0)));
-          if (argmax) std::fill(argmax + o, argmax + o + f.c, -1);
-          continue;
+    pool_bins_nhwc(features + g.batch * f.h * f.w * f.c, g, f, p, bins, 0,
+                   p.ph * p.pw, out + r * roi_size,
+                   argmax ? argmax + r * roi_size : nullptr, best.data(),
+                   best_cell.data());
+  }
+}
+
+// NCHW: features were transposed to NHWC (`features_nhwc`) so that the
+// channel loops vectorise; bins are pooled in chunks that stay in cache and
+// are transposed into the [C, PH, PW] output of each RoI.
+template <typename T, typename C>
+void forward_nchw(const T* features_nhwc, const C* rois, T* out,
+                  int32_t* argmax, const FeatureShape& f, const PooledShape& p,
+                  C scale, int32_t bins, int64_t roi_begin, int64_t roi_end) {
+  constexpr int64_t kChunkElements = 16 * 1024;
+  const int64_t bin_plane = p.ph * p.pw;
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / f.c);
+  const int64_t chunk_bins = std::min(chunk, bin_plane);
+  std::vector<typename Element<T>::Acc> best(f.c);
+  std::vector<int32_t> best_cell(argmax ? f.c : 0);
+  std::vector<T> chunk_out(chunk_bins * f.c);
+  std::vector<int32_t> chunk_arg(argmax ? chunk_bins * f.c : 0);
+  for (int64_t r = roi_begin; r < roi_end; ++r) {
+    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
+                                          int32_t(p.ph), int32_t(p.pw), bins);
+    const T* image = features_nhwc + g.batch * f.h * f.w * f.c;
+    for (int64_t k0 = 0; k0 < bin_plane; k0 += chunk_bins) {
+      const int64_t k1 = std::min(bin_plane, k0 + chunk_bins);
+      pool_bins_nhwc(image, g, f, p, bins, k0, k1, chunk_out.data(),
+                     argmax ? chunk_arg.data() : nullptr, best.data(),
+                     best_cell.data());
+      for (int64_t c = 0; c < f.c; ++c) {
+        const int64_t o = (r * f.c + c) * bin_plane;
+        for (int64_t k = k0; k < k1; ++k) {
+          out[o + k] = chunk_out[(k - k0) * f.c + c];
+          if (argmax) argmax[o + k] = chunk_arg[(k - k0) * f.c + c];
         }
-        const int32_t row0 = int32_t(g.batch * f.h);
-        const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c;
-        for (int64_t c = 0; c < f.c; ++c) best[c] = Element<T>::load(first[c]);
-        if (argmax)
-          std::fill(best_cell.begin(), best_cell.end(),
-                    (row0 + sy.begin) * int32_t(f.w) + sx.begin);
-        for (int32_t h = sy.begin; h < sy.end; ++h) {
-          // The first cell is already folded in.
-          for (int32_t w = (h == sy.begin ? sx.begin + 1 : sx.begin);
-               w < sx.end; ++w) {
-            fold_cell<T>(image + (int64_t(h) * f.w + w) * f.c, best.data(),
-                         argmax ? best_cell.data() : nullptr,
-                         (row0 + h) * int32_t(f.w) + w, f.c);
-          }
-        }
-        for (int64_t c = 0; c < f.c; ++c) out[o + c] = Element<T>::store(best[c]);
-        if (argmax) std::copy(best_cell.begin(), best_cell.end(), argmax + o);
       }
     }
   }
 }
 
-template <typename T, typename C>
-void forward_nchw(const T* features, const C* rois, T* out, int32_t* argmax,
-                  const FeatureShape& f, const PooledShape& p, C scale,
-                  int32_t bins, int64_t roi_begin, int64_t roi_end) {
-  using Acc = typename Element<T>::Acc;
-  std::vector<Span> rows(p.ph), cols(p.pw);
-  const int64_t plane = f.h * f.w;
-  for (int64_t r = roi_begin; r < roi_end; ++r) {
-    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
-                                          int32_t(p.ph), int32_t(p.pw), bins);
-    for (int32_t ph = 0; ph < p.ph; ++ph)
-      rows[ph] = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
-    for (int32_t pw = 0; pw < p.pw; ++pw)
-      cols[pw] = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
-    const int32_t cell0 = int32_t(g.batch * plane);
-    for (int64_t c = 0; c < f.c; ++c) {
-      const T* src = features + (g.batch * f.c + c) * plane;
-      for (int32_t ph = 0; ph < p.ph; ++ph) {
-        const Span sy = rows[ph];
-        for (int32_t pw = 0; pw < p.pw; ++pw) {
-          const Span sx = cols[pw];
-          const int64_t o = ((r * f.c + c) * p.ph + ph) * p.pw + pw;
-          if (!g.valid || sy.empty() || sx.empty()) {
-            out[o] = Element<T>::store(Acc(0));
-            if (argmax) argmax[o] = -1;
-            continue;
-          }
-          int32_t best_hw = sy.begin * int32_t(f.w) + sx.begin;
-          Acc best = Element<T>::load(src[best_hw]);
-          for (int32_t h = sy.begin; h < sy.end; ++h) {
-            for (int32_t w = sx.begin; w < sx.end; ++w) {
-              const int32_t hw = h * int32_t(f.w) + w;
-              const Acc v = Element<T>::load(src[hw]);
-              if (replaces_max(v, best)) {
-                best = v;
-                best_hw = hw;
-              }
-            }
-          }
-          out[o] = src[best_hw];  // bit-exact
-          if (argmax) argmax[o] = cell0 + best_hw;
-        }
-      }
+// [N, C, H, W] -> [N, H, W, C], split over images and rows.
+template <typename T>
+void transpose_to_nhwc(ffi::ThreadPool& pool, const T* src, T* dst,
+                       const FeatureShape& f) {
+  const int64_t rows = f.n * f.h, plane = f.h * f.w;
+  parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / f.h, h = row % f.h;
+      const T* in = src + n * f.c * plane + h * f.w;
+      T* o = dst + row * f.w * f.c;
+      for (int64_t w = 0; w < f.w; ++w)
+        for (int64_t c = 0; c < f.c; ++c) o[w * f.c + c] = in[c * plane + w];
     }
-  }
+  });
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
@@ -341,14 +399,22 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
       // An empty argmax result asks for the maxima alone (no gradient needed).
       int32_t* idx = argmax->element_count() ? argmax->typed_data() : nullptr;
       const C scale = C(spatial_scale);
+      advise_huge_pages(y, out->size_bytes());
+      if (idx) advise_huge_pages(idx, argmax->size_bytes());
+      if (p.r == 0) return ffi::Error::Success();
+      std::vector<T> transposed;
+      if (layout == kNCHW) {
+        transposed.resize(f.n * f.h * f.w * f.c);
+        transpose_to_nhwc(pool, x, transposed.data(), f);
+      }
       parallel_for(pool, p.r, grain_for(pool, p.r),
                    [&](int64_t begin, int64_t end) {
                      if (layout == kNHWC)
                        forward_nhwc(x, boxes, y, idx, f, p, scale, bins,
                                     begin, end);
                      else
-                       forward_nchw(x, boxes, y, idx, f, p, scale, bins,
-                                    begin, end);
+                       forward_nchw(transposed.data(), boxes, y, idx, f, p,
+                                    scale, bins, begin, end);
                    });
       return ffi::Error::Success();
     });
@@ -374,6 +440,7 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
     const int64_t total = p.r * p.ph * p.pw * p.c;
     const int64_t bin_plane = p.ph * p.pw;
     const int64_t cells = f.n * f.h * f.w;
+    advise_huge_pages(y, out->size_bytes());
     parallel_for(pool, total, grain_for(pool, total),
                  [&](int64_t begin, int64_t end) {
                    for (int64_t o = begin; o < end; ++o) {
@@ -458,6 +525,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     const T* cot = reinterpret_cast<const T*>(cotangent.untyped_data());
     const int32_t* idx = argmax.typed_data();
     T* out = reinterpret_cast<T*>(grad->untyped_data());
+    advise_huge_pages(out, grad->size_bytes());
     constexpr bool kSeparateAcc = !std::is_same_v<T, Acc>;
     std::vector<Acc> scratch(kSeparateAcc ? grad->element_count() : 0);
     Acc* acc = kSeparateAcc ? scratch.data() : reinterpret_cast<Acc*>(out);
