@@ -11,14 +11,15 @@
 #include <memory>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#include "roipool_ffi.h"
 #include "roipool_geometry.h"
-#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
@@ -77,41 +78,9 @@ struct Element<BFloat16> {
   }
 };
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) for the element type of a feature-like buffer.
 template <typename F>
 ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F16:
-      return fn(TypeTag<Half>{});
-    case ffi::DataType::BF16:
-      return fn(TypeTag<BFloat16>{});
-    case ffi::DataType::F32:
-      return fn(TypeTag<float>{});
-    case ffi::DataType::F64:
-      return fn(TypeTag<double>{});
-    default:
-      return ffi::Error::InvalidArgument(
-          "roi_pool: values must be float16, bfloat16, float32 or float64");
-  }
-}
-
-// Calls fn(TypeTag<C>{}) for the coordinate type of the rois buffer.
-template <typename F>
-ffi::Error dispatch_coord_type(ffi::DataType dtype, F&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return fn(TypeTag<float>{});
-    case ffi::DataType::F64:
-      return fn(TypeTag<double>{});
-    default:
-      return ffi::Error::InvalidArgument(
-          "roi_pool: rois must be float32 or float64");
-  }
+  return roipool::dispatch_value_type<Half, BFloat16>(dtype, std::forward<F>(fn));
 }
 
 // True when `candidate` should replace the running maximum `best`: strictly
@@ -188,31 +157,6 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 // ---------------------------------------------------------------------------
-// Shapes. Output-shaped buffers are [R, PH, PW, C] (NHWC) or [R, C, PH, PW]
-// (NCHW); feature-shaped ones [N, H, W, C] or [N, C, H, W].
-
-struct FeatureShape {
-  int64_t n, h, w, c;
-};
-struct PooledShape {
-  int64_t r, ph, pw, c;
-};
-
-FeatureShape feature_shape(ffi::Span<const int64_t> d, int32_t layout) {
-  return layout == kNHWC ? FeatureShape{d[0], d[1], d[2], d[3]}
-                         : FeatureShape{d[0], d[2], d[3], d[1]};
-}
-PooledShape pooled_shape(ffi::Span<const int64_t> d, int32_t layout) {
-  return layout == kNHWC ? PooledShape{d[0], d[1], d[2], d[3]}
-                         : PooledShape{d[0], d[2], d[3], d[1]};
-}
-
-ffi::Error check_layout(int32_t layout) {
-  if (layout != kNHWC && layout != kNCHW)
-    return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
-  return ffi::Error::Success();
-}
-
 // Offset of (cell, channel) in a feature-shaped buffer, where cell is the
 // flat (n * H + h) * W + w index stored in argmax.
 inline int64_t cell_offset(int64_t cell, int64_t c, const FeatureShape& f,
@@ -547,34 +491,15 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
 }  // namespace
 }  // namespace roipool
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolForwardCpu, roipool::Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("pooled_h")
-                                  .Attr<int32_t>("pooled_w")
-                                  .Attr<double>("spatial_scale")
-                                  .Attr<int32_t>("layout")
-                                  .Attr<int32_t>("bins"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolGatherCpu, roipool::Gather,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("layout"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolScatterCpu, roipool::Scatter,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("layout"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    RoipoolForwardCpu, roipool::Forward,
+    roipool::bind_forward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    RoipoolGatherCpu, roipool::Gather,
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    RoipoolScatterCpu, roipool::Scatter,
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "jax_roipool CPU kernels (XLA FFI handlers)";

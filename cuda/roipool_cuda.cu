@@ -11,9 +11,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 
+#include "roipool_ffi.h"
 #include "roipool_kernels.cuh"
-#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
@@ -44,64 +45,10 @@ unsigned grid_for(int64_t total) {
                                     kMaxBlocks));
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) for the element type of a feature-like buffer.
 template <typename F>
 ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F16:
-      return fn(TypeTag<__half>{});
-    case ffi::DataType::BF16:
-      return fn(TypeTag<__nv_bfloat16>{});
-    case ffi::DataType::F32:
-      return fn(TypeTag<float>{});
-    case ffi::DataType::F64:
-      return fn(TypeTag<double>{});
-    default:
-      return ffi::Error::InvalidArgument(
-          "roi_pool: values must be float16, bfloat16, float32 or float64");
-  }
-}
-
-// Calls fn(TypeTag<C>{}) for the coordinate type of the rois buffer.
-template <typename F>
-ffi::Error dispatch_coord_type(ffi::DataType dtype, F&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return fn(TypeTag<float>{});
-    case ffi::DataType::F64:
-      return fn(TypeTag<double>{});
-    default:
-      return ffi::Error::InvalidArgument(
-          "roi_pool: rois must be float32 or float64");
-  }
-}
-
-ffi::Error check_layout(int32_t layout) {
-  if (layout != kNHWC && layout != kNCHW)
-    return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
-  return ffi::Error::Success();
-}
-
-// Logical extents; see the layouts in the handlers below.
-struct FeatureShape {
-  int64_t n, h, w, c;
-};
-struct PooledShape {
-  int64_t r, ph, pw, c;
-};
-
-FeatureShape feature_shape(ffi::Span<const int64_t> d, int32_t layout) {
-  return layout == kNHWC ? FeatureShape{d[0], d[1], d[2], d[3]}
-                         : FeatureShape{d[0], d[2], d[3], d[1]};
-}
-PooledShape pooled_shape(ffi::Span<const int64_t> d, int32_t layout) {
-  return layout == kNHWC ? PooledShape{d[0], d[1], d[2], d[3]}
-                         : PooledShape{d[0], d[2], d[3], d[1]};
+  return roipool::dispatch_value_type<__half, __nv_bfloat16>(dtype,
+                                                             std::forward<F>(fn));
 }
 
 bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
@@ -266,34 +213,15 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
 
 // Exported as C symbols; roipool_module.cc wraps them in capsules for
 // jax.ffi.register_ffi_target(..., platform="CUDA").
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolForwardCuda, roipool::Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("pooled_h")
-                                  .Attr<int32_t>("pooled_w")
-                                  .Attr<double>("spatial_scale")
-                                  .Attr<int32_t>("layout")
-                                  .Attr<int32_t>("bins"),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolGatherCuda, roipool::Gather,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("layout"),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoipoolScatterCuda, roipool::Scatter,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("layout"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    RoipoolForwardCuda, roipool::Forward,
+    roipool::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    RoipoolGatherCuda, roipool::Gather,
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    RoipoolScatterCuda, roipool::Scatter,
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
