@@ -140,3 +140,18 @@ def gather_at(values, argmax, layout):
     flat = v.reshape(-1, v.shape[-1])
     out = flat[np.maximum(argmax, 0), np.arange(v.shape[-1])]
     return out.transpose(0, 3, 1, 2) if layout == "NCHW" else out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=dtype_id)
+def test_grad_of_large_map(dtype):
+    # A feature map above the CPU scatter's budget for per-thread accumulators
+    # (128 MiB over all threads) takes the other split (channel blocks); the
+    # small maps above take the per-thread one. Both must be exact.
+    rng = np.random.default_rng(11)
+    n, h, w, c = 1, 96, 96, 1920  # 68 MiB of float32 accumulators per thread
+    features = rng.standard_normal((n, h, w, c)).astype(dtype)
+    rois = random_rois(rng, n, h, w, 12, 1.0, adversarial=False)
+    cotangent = rng.integers(-3, 4, (12, 2, 2, c)).astype(dtype)
+    grad = vjp_features(features, rois, cotangent, (2, 2), 1.0, "NHWC", "fast_rcnn")
+    want, _ = expected_grad(features, rois, cotangent, (2, 2), 1.0, "NHWC", "fast_rcnn")
+    assert_exact(grad, want, "feature gradient")
