@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import _checks
-from ._primitives import roi_pool_p
+from . import _checks, _native, reference
+from ._primitives import per_image_p, roi_pool_p, varying_axes
 
 OutputSize = int | tuple[int, int]
 
@@ -24,7 +24,11 @@ def roi_pool_with_argmax(
 
     ``argmax`` has the output's shape and holds, per output element, the flat
     cell index ``(n * H + h) * W + w`` of the maximum in the features (the
-    same for both layouts), or -1 for an empty bin or an invalid RoI.
+    same for both layouts), or -1 for an empty bin or an invalid RoI. This
+    holds for both forms: for per-image boxes ``[N, K, 4]``, ``argmax[n, k]``
+    names cells of image ``n``, as the equivalent ``[N * K, 5]`` rois would
+    (the image-local index is ``argmax - n * H * W`` where ``argmax >= 0``).
+    Under ``vmap`` the indices are into each mapped element's own features.
     """
     return _pool(features, rois, output_size, spatial_scale, layout, bins, with_argmax=True)
 
@@ -34,22 +38,35 @@ def _pool(features, rois, output_size, spatial_scale, layout, bins, *, with_argm
     features = _checks.check_features(features, layout)
     rois = jnp.asarray(rois)
     if rois.ndim == 3:
-        return _per_image(features, rois, config, with_argmax)
-    rois = _checks.check_rois(rois)
-    return roi_pool_p.bind(features, rois, **config._asdict(), with_argmax=with_argmax)
+        n = _checks.feature_dims(features.shape, config.layout)[0]
+        rois = _checks.check_boxes(rois, n)
+    else:
+        rois = _checks.check_rois(rois)
+    features, rois = _align_varying(features, rois)
+    primitive = per_image_p if rois.ndim == 3 else roi_pool_p
+    out, argmax = primitive.bind(features, rois, **config._asdict(), with_argmax=with_argmax)
+    if with_argmax and rois.ndim == 3:
+        # The per-image primitive's argmax is image-local; the public one is
+        # the flat cell index, as for [R, 5] rois.
+        argmax = reference.local_to_global(argmax, features.shape, config.layout)
+    return out, argmax
 
 
-def _per_image(features, boxes, config, with_argmax):
-    """[N, K, 4] boxes: one flat call with batch indices 0..N-1, outputs [N, K, ...]."""
-    n = _checks.feature_dims(features.shape, config.layout)[0]
-    boxes = _checks.check_boxes(boxes, n)
-    k = boxes.shape[1]
-    index = jnp.broadcast_to(jnp.arange(n, dtype=boxes.dtype)[:, None, None], (n, k, 1))
-    rois = jnp.concatenate([index, boxes], axis=2).reshape(n * k, 5)
-    out, argmax = roi_pool_p.bind(features, rois, **config._asdict(), with_argmax=with_argmax)
-    if with_argmax:
-        argmax = argmax.reshape((n, k) + argmax.shape[1:])
-    return out.reshape((n, k) + out.shape[1:]), argmax
+def _align_varying(*arrays):
+    """Inside shard_map, lets all operands vary over the same manual mesh axes
+    (as jax's own multi-operand ops do), so gradients flow back correctly."""
+    axes = [varying_axes(jax.typeof(x)) for x in arrays]
+    union = frozenset().union(*axes)
+    if all(a == union for a in axes):
+        return arrays
+    out = []
+    for x, a in zip(arrays, axes):
+        missing = tuple(sorted(union - a, key=str))
+        if missing:
+            x = (jax.lax.pcast(x, missing, to="varying") if hasattr(jax.lax, "pcast")
+                 else jax.lax.pvary(x, missing))
+        out.append(x)
+    return tuple(out)
 
 
 def roi_pool(
@@ -85,5 +102,48 @@ def roi_pool(
       ``[0, N)``, non-finite coordinates) give 0. Differentiable in
       ``features`` (the gradient goes to the argmax cell of each bin); the
       gradient with respect to ``rois`` is zero.
+
+    Multiple devices: with per-image boxes, ``jit`` partitions the call the
+    way the features and boxes are sharded along the image axis N (and the
+    box axis K and the channel axis C): each device pools its own images,
+    with no all-gather of the feature maps (sharded H or W are gathered
+    first). This works with Shardy and GSPMD, with automatic and explicit
+    mesh axes, and under ``vmap``. Flat ``[R, 5]`` rois may name any image,
+    so XLA replicates the features for them: correct, but it all-gathers
+    them. Inside ``shard_map`` both forms pool the local block (batch
+    indices of ``[R, 5]`` rois, and argmax indices, are then local).
+
+    Export: see :func:`export_safety_checks`.
     """
     return _pool(features, rois, output_size, spatial_scale, layout, bins, with_argmax=False)[0]
+
+
+def export_safety_checks() -> list:
+    """``disabled_checks`` that ``jax.export.export`` needs for functions using roi_pool.
+
+    The native kernels are XLA FFI custom calls, which jax.export rejects
+    unless told they are intended::
+
+        exported = jax.export.export(
+            jax.jit(fn), disabled_checks=jax_roipool.export_safety_checks())(*args)
+        blob = exported.serialize()
+
+    Serialising needs the ``flatbuffers`` package. To run it (in any
+    process, later): ``import jax_roipool`` first (it registers the kernels
+    under their target names; without it XLA reports an unknown custom call
+    ``roipool_forward``), then ``jax.export.deserialize(blob).call(*args)``.
+    The module names the kernels and their attributes, so it needs a
+    jax_roipool with the same kernels, built for the platforms it was
+    exported for (``platforms=("cpu", "cuda")`` exports for both; where the
+    CUDA kernels were not built, the CUDA variant is the pure-JAX lowering).
+    For gradients, export ``jax.grad(fn)`` itself, or serialise with
+    ``exported.serialize(vjp_order=1)`` and differentiate ``call``.
+
+    Sharded: exported per-image calls are not pre-partitioned; they run
+    correctly on the exported devices, but XLA may gather the features.
+    Per-image calls must be exported with concrete devices (not for an
+    ``AbstractMesh`` alone: their partitioning needs the devices to lower).
+    """
+    from jax.export import DisabledSafetyCheck
+
+    return [DisabledSafetyCheck.custom_call(name) for name in _native.FFI_TARGETS]

@@ -15,6 +15,10 @@ from jax.interpreters import mlir
 
 from . import _primitives
 
+# Custom-call targets of the kernels (the same names on CPU and CUDA). Modules
+# that use them are only accepted by jax.export with these targets' safety
+# checks disabled (see jax_roipool.export_safety_checks).
+FFI_TARGETS = ("roipool_forward", "roipool_gather", "roipool_scatter")
 LAYOUT_CODES = {"NHWC": 0, "NCHW": 1}  # roipool::Layout
 BIN_CODES = {"fast_rcnn": 0, "partition": 1}  # roipool::Bins
 
@@ -53,8 +57,11 @@ def _scatter_lowering(ctx, cotangent, argmax, *, layout, features_shape):
 
 
 def _register(module, xla_platform: str, lowering_platform: str) -> None:
-    for name, capsule in module.registrations().items():
+    registrations = module.registrations()
+    assert set(registrations) == set(FFI_TARGETS), sorted(registrations)
+    for name, capsule in registrations.items():
         jax.ffi.register_ffi_target(name, capsule, platform=xla_platform)
+    # The flat primitives; the per-image ones are lowered through them.
     mlir.register_lowering(_primitives.roi_pool_p, _forward_lowering, platform=lowering_platform)
     mlir.register_lowering(_primitives.gather_p, _gather_lowering, platform=lowering_platform)
     mlir.register_lowering(_primitives.scatter_p, _scatter_lowering, platform=lowering_platform)

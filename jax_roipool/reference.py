@@ -138,16 +138,68 @@ def scatter(cotangent, argmax, *, layout, features_shape):
     return flat.reshape(features_shape).astype(cotangent.dtype)
 
 
+# ---------------------------------------------------------------------------
+# Per-image boxes [N, K, 4]. They are the flat rois with batch column 0..N-1;
+# the primitives index their argmax within each image ("image-local":
+# h * W + w, -1 for none), so that any subset of the images is self-contained.
+
+def per_image_rois(boxes):
+    """[N, K, 4] boxes -> [N * K, 5] rois with batch column 0..N-1 (the boxes' dtype)."""
+    n, k = boxes.shape[:2]
+    index = lax.broadcasted_iota(boxes.dtype, (n, k, 1), 0)
+    return jnp.concatenate([index, boxes], axis=2).reshape(n * k, 5)
+
+
+def _image_cells(features_shape, layout: str) -> int:
+    _, h, w, _ = _checks.feature_dims(features_shape, layout)
+    return h * w
+
+
+def _image_index(argmax):
+    """n at every element of an [N, K, ...] array, sharded like it (sharding in types)."""
+    sharding = getattr(jax.typeof(argmax), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not any(sharding.spec):
+        sharding = None
+    return lax.broadcasted_iota(jnp.int32, argmax.shape, 0, out_sharding=sharding)
+
+
+def local_to_global(argmax, features_shape, layout: str):
+    """Image-local argmax [N, K, ...] -> flat cell indices (n * H + h) * W + w.
+
+    Entries outside [0, H*W) become -1 (no cell), so they can never name a
+    cell of another image.
+    """
+    cells = _image_cells(features_shape, layout)
+    return jnp.where((argmax >= 0) & (argmax < cells), argmax + _image_index(argmax) * cells, -1)
+
+
+def global_to_local(argmax, features_shape, layout: str):
+    """Flat argmax [N, K, ...] of per-image rois (row n names cells of image n only) ->
+    image-local."""
+    cells = _image_cells(features_shape, layout)
+    return jnp.where(argmax >= 0, argmax - _image_index(argmax) * cells, -1)
+
+
 def roi_pool_with_argmax(features, rois, output_size, spatial_scale=1.0, *, layout="NHWC",
                          bins="fast_rcnn"):
-    """Pure-JAX ``jax_roipool.roi_pool_with_argmax`` for ``[R, 5]`` rois (differentiable by JAX itself)."""
+    """Pure-JAX ``jax_roipool.roi_pool_with_argmax`` (differentiable by JAX itself).
+
+    ``rois``: ``[R, 5]`` or per-image ``[N, K, 4]``; the argmax holds flat cell
+    indices ``(n * H + h) * W + w`` for both, as the public function's.
+    """
     config = _checks.check_config(output_size, spatial_scale, layout, bins)
     features = _checks.check_features(features, layout)
+    if jnp.ndim(rois) == 3:
+        boxes = _checks.check_boxes(rois, _checks.feature_dims(features.shape, layout)[0])
+        out, argmax = forward(features, per_image_rois(boxes), **config._asdict())
+        lead = boxes.shape[:2]
+        return out.reshape(lead + out.shape[1:]), argmax.reshape(lead + argmax.shape[1:])
     rois = _checks.check_rois(rois)
     return forward(features, rois, **config._asdict())
 
 
 def roi_pool(features, rois, output_size, spatial_scale=1.0, *, layout="NHWC", bins="fast_rcnn"):
-    """Pure-JAX ``jax_roipool.roi_pool`` for ``[R, 5]`` rois."""
+    """Pure-JAX ``jax_roipool.roi_pool`` (``[R, 5]`` rois or per-image ``[N, K, 4]`` boxes)."""
     return roi_pool_with_argmax(features, rois, output_size, spatial_scale, layout=layout,
                                 bins=bins)[0]

@@ -1,0 +1,376 @@
+"""SPMD on 4 virtual CPU devices: per-image roi_pool partitions along the
+image axis with no all-gather of the features; shard_map and the flat form
+give the single-device results.
+
+The checks run in one subprocess (``python tests/test_spmd.py``) with
+``--xla_force_host_platform_device_count=4``, so this process keeps its single
+device; each test below asserts one group of the child's results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import traceback
+
+import pytest
+
+DEVICES = 4
+N, H, W, C, K = 8, 12, 10, 4, 5
+POOLED, SCALE = (3, 4), 0.5
+
+
+# ---------------------------------------------------------------------------
+# HLO inspection (compiled, partitioned HLO text).
+
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _shapes(text):
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _SHAPE.findall(text)]
+
+
+def all_gathers(hlo: str):
+    """Result shapes of every all-gather in the HLO text."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
+        if match:
+            found.extend(shape for _, shape in _shapes(match.group(1)))
+    return found
+
+
+def kernel_calls(hlo: str, target: str):
+    """(operand shapes, result shapes) of each custom call to ``target``.
+
+    Compiled HLO names the operands' shapes in operand_layout_constraints
+    (or inline, as in unoptimised HLO)."""
+    calls = []
+    for line in hlo.splitlines():
+        if f'custom_call_target="{target}"' not in line:
+            continue
+        result, operands = re.search(r"=\s*(.*?)\s+custom-call\((.*?)\),", line).groups()
+        key = "operand_layout_constraints={"
+        if key in line:  # up to the matching brace
+            start = line.index(key) + len(key)
+            depth = 1
+            for end in range(start, len(line)):
+                depth += {"{": 1, "}": -1}.get(line[end], 0)
+                if depth == 0:
+                    break
+            operands = line[start:end]
+        calls.append(([s for _, s in _shapes(operands)], [s for _, s in _shapes(result)]))
+    return calls
+
+
+# ---------------------------------------------------------------------------
+# The child process.
+
+def _child():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    import jax_roipool as jrp
+    from jax_roipool import _api, _sharding
+
+    assert len(jax.devices()) == DEVICES, jax.devices()
+    results = {}
+
+    def check(fn):
+        try:
+            results[fn.__name__] = {"ok": True, "detail": fn()}
+        except Exception:  # reported by the parent test
+            results[fn.__name__] = {"ok": False, "detail": traceback.format_exc()[-4000:]}
+        return fn
+
+    rng = np.random.default_rng(0)
+
+    def features_for(layout, n=N, c=C):
+        shape = (n, H, W, c) if layout == "NHWC" else (n, c, H, W)
+        return rng.integers(-4, 5, shape).astype(np.float32)  # many ties
+
+    def boxes_for(n=N, k=K):
+        xy = rng.uniform(-4, 2 * W, (n, k, 2))
+        wh = rng.uniform(0, 2 * W, (n, k, 2))
+        boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+        if k:
+            boxes[0, 0] = [100, 100, 120, 120]  # outside: argmax -1
+        return boxes
+
+    def flat(boxes):
+        index = np.repeat(np.arange(boxes.shape[0]), boxes.shape[1])[:, None]
+        return np.concatenate([index, boxes.reshape(-1, 4)], 1).astype(np.float32)
+
+    def pool(layout):
+        return jax.jit(lambda f, b: jrp.roi_pool_with_argmax(f, b, POOLED, SCALE, layout=layout))
+
+    def grad(layout):
+        def loss(f, b, w):
+            return jnp.sum(jrp.roi_pool(f, b, POOLED, SCALE, layout=layout) * w)
+        return jax.jit(jax.grad(loss))
+
+    def same(got, want, what):
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.shape == want.shape, (what, got.shape, want.shape)
+        assert np.array_equal(got, want), f"{what}: {np.sum(got != want)} elements differ"
+
+    def hlo(fn, *args):
+        return fn.lower(*args).compile().as_text()
+
+    def no_all_gather(fn, *args):
+        gathers = all_gathers(hlo(fn, *args))
+        assert not gathers, f"all-gathers in the partitioned HLO: {gathers}"
+
+    def per_image_case(put, layout, context=contextlib.nullcontext):
+        """Sharded per-image forward and grad == single device, with no all-gather
+        and per-device kernels on the local images."""
+        features, boxes = features_for(layout), boxes_for()
+        want_out, want_arg = pool(layout)(features, boxes)  # on one device
+        assert (np.asarray(want_arg) >= 0).any() and (np.asarray(want_arg) < 0).any()
+        weights = rng.integers(-2, 3, want_out.shape).astype(np.float32)
+        want_grad = grad(layout)(features, boxes, weights)
+        assert np.asarray(want_grad).any()
+        with context():
+            fs, bs, ws = put(features, P("x")), put(boxes, P("x")), put(weights, P("x"))
+            out, arg = pool(layout)(fs, bs)
+            same(out, want_out, "sharded output")
+            same(arg, want_arg, "sharded argmax")
+            same(grad(layout)(fs, bs, ws), want_grad, "sharded gradient")
+            no_all_gather(pool(layout), fs, bs)
+            no_all_gather(grad(layout), fs, bs, ws)
+            local = (N // DEVICES,) + features.shape[1:]
+            text = hlo(pool(layout), fs, bs)
+            calls = kernel_calls(text, "roipool_forward")
+            assert calls and all(ops[0] == local for ops, _ in calls), (calls, local)
+            calls = kernel_calls(hlo(grad(layout), fs, bs, ws), "roipool_scatter")
+            assert calls and all(res[0] == local for _, res in calls), (calls, local)
+            explicit = out.sharding.mesh.axis_types[0] == AxisType.Explicit
+            if explicit:  # sharding in types: typed as split along N
+                assert jax.typeof(out).sharding.spec[0] == "x", jax.typeof(out)
+        return {"forward kernel operands": kernel_calls(text, "roipool_forward")[0][0],
+                "explicit": explicit}
+
+    def auto_mesh(shape=(DEVICES,), names=("x",)):
+        return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+    def putter(mesh):
+        return lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+
+    @check
+    def per_image_auto_mesh():
+        mesh = auto_mesh()
+        return {layout: per_image_case(putter(mesh), layout) for layout in ("NHWC", "NCHW")}
+
+    @check
+    def per_image_explicit_mesh():
+        mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
+        return per_image_case(jax.device_put, "NHWC", functools.partial(jax.set_mesh, mesh))
+
+    @check
+    def per_image_gspmd_partitioner():
+        previous = jax.config.jax_use_shardy_partitioner
+        jax.config.update("jax_use_shardy_partitioner", False)
+        try:
+            mesh = auto_mesh()
+            return per_image_case(putter(mesh), "NCHW")
+        finally:
+            jax.config.update("jax_use_shardy_partitioner", previous)
+
+    @check
+    def channels_sharded_too():
+        mesh = auto_mesh((2, 2), ("x", "y"))
+        put = putter(mesh)
+        features, boxes = features_for("NHWC"), boxes_for()
+        fs, bs = put(features, P("x", None, None, "y")), put(boxes, P("x"))
+        want = pool("NHWC")(features, boxes)
+        got = pool("NHWC")(fs, bs)
+        same(got[0], want[0], "output")
+        same(got[1], want[1], "argmax")
+        no_all_gather(pool("NHWC"), fs, bs)
+        calls = kernel_calls(hlo(pool("NHWC"), fs, bs), "roipool_forward")
+        assert all(ops[0] == (N // 2, H, W, C // 2) for ops, _ in calls), calls
+        return calls[0][0]
+
+    @check
+    def sharded_vmap():
+        mesh = auto_mesh()
+        put = putter(mesh)
+        features = np.stack([features_for("NHWC") for _ in range(2)])
+        boxes = np.stack([boxes_for() for _ in range(2)])
+        fn = jax.jit(jax.vmap(lambda f, b: jrp.roi_pool(f, b, POOLED, SCALE)))
+        fs, bs = put(features, P(None, "x")), put(boxes, P(None, "x"))
+        same(fn(fs, bs), fn(features, boxes), "vmapped output")
+        no_all_gather(fn, fs, bs)
+
+    @check
+    def no_boxes():
+        mesh = auto_mesh()
+        put = putter(mesh)
+        features, boxes = features_for("NHWC"), boxes_for(k=0)
+        out, arg = pool("NHWC")(put(features, P("x")), put(boxes, P("x")))
+        assert out.shape == arg.shape == (N, 0) + POOLED + (C,)
+        g = grad("NHWC")(put(features, P("x")), put(boxes, P("x")), np.zeros(out.shape, np.float32))
+        assert g.shape == features.shape and not np.asarray(g).any()
+
+    @check
+    def negative_controls():
+        """The all-gather check can fail: the flat form, and the per-image form
+        with custom partitioning switched off, gather the features."""
+        mesh = auto_mesh()
+        put = putter(mesh)
+        features, boxes = features_for("NHWC"), boxes_for()
+        fs, bs = put(features, P("x")), put(boxes, P("x"))
+        flat_fn = jax.jit(lambda f, r: jrp.roi_pool(f, r, POOLED, SCALE))
+        flat_gathers = all_gathers(hlo(flat_fn, fs, flat(boxes)))
+        assert features.shape in flat_gathers, flat_gathers
+        original = _sharding.maybe_partitioned
+        _sharding.maybe_partitioned = lambda ctx, body, sig: body
+        try:
+            fn = jax.jit(lambda f, b: jrp.roi_pool(f, b, POOLED, SCALE))
+            unpartitioned = all_gathers(hlo(fn, fs, bs))
+            same(fn(fs, bs), pool("NHWC")(features, boxes)[0], "unpartitioned output")
+        finally:
+            _sharding.maybe_partitioned = original
+        assert features.shape in unpartitioned, unpartitioned
+        return {"flat": flat_gathers, "per-image, unpartitioned": unpartitioned}
+
+    @check
+    def flat_form_sharded():
+        mesh = auto_mesh()
+        put = putter(mesh)
+        features, boxes = features_for("NCHW"), boxes_for()
+        rois = flat(boxes)
+        fn = jax.jit(lambda f, r: jrp.roi_pool_with_argmax(f, r, POOLED, SCALE, layout="NCHW"))
+        want = fn(features, rois)
+        for spec in (P(), P("x")):  # rois replicated or split along R
+            got = fn(put(features, P("x")), put(rois, spec))
+            same(got[0], want[0], "flat output")
+            same(got[1], want[1], "flat argmax")
+        weights = rng.integers(-2, 3, want[0].shape).astype(np.float32)
+        gfn = jax.jit(jax.grad(lambda f, r, w: jnp.sum(
+            jrp.roi_pool(f, r, POOLED, SCALE, layout="NCHW") * w)))
+        same(gfn(put(features, P("x")), rois, weights), gfn(features, rois, weights), "flat grad")
+
+    n_local = N // DEVICES
+
+    def local_argmax(argmax, image):
+        """Flat argmax into the whole batch -> into the shard's own images
+        (``image``: the image of each entry along argmax's first axis)."""
+        argmax = np.asarray(argmax)
+        offset = (np.asarray(image) // n_local) * n_local * H * W
+        offset = offset.astype(np.int32).reshape((-1,) + (1,) * (argmax.ndim - 1))
+        return np.where(argmax >= 0, argmax - offset, -1)
+
+    @check
+    def shard_map_per_image():
+        mesh = auto_mesh()
+        features, boxes = features_for("NHWC"), boxes_for()
+        want_out, want_arg = pool("NHWC")(features, boxes)
+        body = functools.partial(jrp.roi_pool_with_argmax, output_size=POOLED, spatial_scale=SCALE)
+        fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P("x")))
+        out, arg = fn(features, boxes)
+        same(out, want_out, "shard_map output")
+        same(arg, local_argmax(want_arg, np.arange(N)), "shard_map argmax (local images)")
+        weights = rng.integers(-2, 3, want_out.shape).astype(np.float32)
+        pooled = jax.shard_map(lambda f, b: jrp.roi_pool(f, b, POOLED, SCALE), mesh=mesh,
+                               in_specs=(P("x"), P("x")), out_specs=P("x"))
+        g = jax.jit(jax.grad(lambda f, b, w: jnp.sum(pooled(f, b) * w)))(features, boxes, weights)
+        same(g, grad("NHWC")(features, boxes, weights), "shard_map gradient")
+
+    @check
+    def shard_map_flat():
+        mesh = auto_mesh()
+        features, boxes = features_for("NHWC"), boxes_for()
+        rois = flat(boxes)  # image-major: each shard of rows names only its images
+        local = rois.copy()
+        local[:, 0] %= n_local  # batch indices into the shard's own images
+        fn = jax.jit(lambda f, r: jrp.roi_pool_with_argmax(f, r, POOLED, SCALE))
+        want_out, want_arg = fn(features, rois)
+        body = functools.partial(jrp.roi_pool_with_argmax, output_size=POOLED, spatial_scale=SCALE)
+        sm = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P("x")))
+        out, arg = sm(features, local)
+        same(out, want_out, "shard_map flat output")
+        same(arg, local_argmax(want_arg, rois[:, 0]), "shard_map flat argmax (local images)")
+        weights = rng.integers(-2, 3, want_out.shape).astype(np.float32)
+        pooled = jax.shard_map(lambda f, r: jrp.roi_pool(f, r, POOLED, SCALE), mesh=mesh,
+                               in_specs=(P("x"), P("x")), out_specs=P("x"))
+        g = jax.jit(jax.grad(lambda f, r, w: jnp.sum(pooled(f, r) * w)))(features, local, weights)
+        want_g = jax.grad(lambda f: jnp.sum(jrp.roi_pool(f, rois, POOLED, SCALE) * weights))(
+            features)
+        same(g, want_g, "shard_map flat gradient")
+
+    @check
+    def export_sharded():
+        mesh = auto_mesh()
+        put = putter(mesh)
+        features, boxes = features_for("NHWC"), boxes_for()
+        fs, bs = put(features, P("x")), put(boxes, P("x"))
+        exported = jax.export.export(pool("NHWC"), disabled_checks=_api.export_safety_checks())(
+            fs, bs)
+        assert "CustomSPMDPartitioning" not in exported.mlir_module()
+        assert exported.nr_devices == DEVICES
+        want = pool("NHWC")(features, boxes)
+        try:
+            import flatbuffers  # noqa: F401
+            exported = jax.export.deserialize(exported.serialize())
+        except ImportError:  # serialisation needs flatbuffers; the call itself does not
+            pass
+        got = exported.call(fs, bs)
+        same(got[0], want[0], "exported output")
+        same(got[1], want[1], "exported argmax")
+
+    print("RESULTS " + json.dumps(results, default=str))
+
+
+# ---------------------------------------------------------------------------
+# The tests.
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(__file__))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+CHECKS = ["per_image_auto_mesh", "per_image_explicit_mesh", "per_image_gspmd_partitioner",
+          "channels_sharded_too", "sharded_vmap", "no_boxes", "negative_controls",
+          "flat_form_sharded", "shard_map_per_image", "shard_map_flat", "export_sharded"]
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_spmd(results, name):
+    result = results[name]
+    assert result["ok"], result["detail"]
+
+
+def test_hlo_parsing():
+    line = ("  %all-gather = f32[8,12,10,4]{3,2,1,0} all-gather(f32[2,12,10,4]{3,2,1,0} %p), "
+            "channel_id=1, dimensions={0}")
+    assert all_gathers(line) == [(8, 12, 10, 4)]
+    call = ('  %cc = (f32[2,5,3,4,4]{4,3,2,1,0}, s32[0]{0}) custom-call(f32[2,12,10,4]{3,2,1,0} '
+            '%a, f32[10,5]{1,0} %b), custom_call_target="roipool_forward", api_version=API')
+    assert kernel_calls(call, "roipool_forward") == [([(2, 12, 10, 4), (10, 5)],
+                                                       [(2, 5, 3, 4, 4), (0,)])]
+    call = ('  %r = (f32[10,3,3,4]{3,2,1,0}, s32[0]{0}) custom-call(%param, %fusion), '
+            'custom_call_target="roipool_forward", operand_layout_constraints={f32[2,12,10,4]'
+            '{3,2,1,0}, f32[10,5]{1,0}}, api_version=API_VERSION_TYPED_FFI')
+    assert kernel_calls(call, "roipool_forward") == [([(2, 12, 10, 4), (10, 5)],
+                                                       [(10, 3, 3, 4), (0,)])]
+
+
+if __name__ == "__main__":
+    _child()
