@@ -435,8 +435,8 @@ def report(info: dict, workloads: list[Workload], args) -> str:
                          f"{rate / bw:.0%}" if rate else "n/a"])
         lines += [f"Large workload, forward: {large.describe()}", "",
                   f"Bytes = features read once + output written once = "
-                  f"{moved / 1e6:.0f} MB (the int32 argmax our forward also writes is not "
-                  f"counted). Device copy bandwidth (jitted y = 2 * x on "
+                  f"{moved / 1e6:.0f} MB (jax_roipool.roi_pool writes no argmax; "
+                  f"torchvision's forward also writes one, not counted). Device copy bandwidth (jitted y = 2 * x on "
                   f"{info['copy']['bytes'] / 2 / 2**30:g} GiB, read + write): "
                   f"{bw / 1e9:.0f} GB/s (torch copy_: "
                   f"{info['copy']['torch_copy_bytes_per_s'] / 1e9:.0f} GB/s).", "",
