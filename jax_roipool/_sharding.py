@@ -30,7 +30,7 @@ import math
 from typing import Callable, NamedTuple
 
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec, use_abstract_mesh
 
 # Dimension labels: n image, k box, c channel, h/w feature rows/columns,
 # i/j pooled rows/columns, d box coordinate.
@@ -121,6 +121,23 @@ def _mesh_of(mesh, shardings):
     return mesh
 
 
+def _without_ambient_mesh(body: Callable) -> Callable:
+    """``body`` traced with no mesh in context.
+
+    custom_partitioning traces the per-device body (on local shapes) while XLA
+    compiles, and since jax 0.11 that happens under the caller's
+    ``jax.set_mesh``: with an Explicit mesh, values the body creates would be
+    typed as sharded over it and lowered with sharding annotations, which
+    nothing partitions any more inside the per-device computation (XLA fails
+    with 'No registered implementation for untyped custom call to Sharding').
+    """
+    def local(*args):
+        with use_abstract_mesh(AbstractMesh((), ())):
+            return body(*args)
+
+    return local
+
+
 def partitioned(body: Callable, sig: Signature) -> Callable:
     """``body`` (operands -> tuple of results, traceable at any shard shape)
     as a custom_partitioning function that splits along ``sig.keep``."""
@@ -151,7 +168,7 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
         axes = choose_axes(sig, shardings)
         args = tuple(_named(mesh, dims, axes) for dims in sig.operands)
         results = tuple(_named(mesh, dims, axes) for dims in sig.results)
-        return mesh, body, results, args
+        return mesh, _without_ambient_mesh(body), results, args
 
     wrapped.def_partition(
         partition, infer_sharding_from_operands=infer, propagate_user_sharding=propagate,
