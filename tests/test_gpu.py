@@ -171,10 +171,28 @@ def test_vmap_and_jvp_on_gpu_match_cpu():
         assert_bitwise(g, w, "vmapped jvp")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_image_boxes_match_cpu(layout):
+    rng = np.random.default_rng(5)
+    features = random_features(rng, feature_shape(3, 14, 18, 8, layout), np.float32, "ties")
+    boxes = random_rois(rng, 3, 14, 18, 3 * 20, 0.5, adversarial=False)[:, 1:].reshape(3, 20, 4)
+    cot = rng.integers(-2, 3, (3, 20) + feature_shape(1, 4, 5, 8, layout)[1:]).astype(np.float32)
+
+    def fn(f, b, c):
+        out, pullback = jax.vjp(lambda x: jrp.roi_pool(x, b, (4, 5), 0.5, layout=layout), f)
+        return out, pullback(c)[0], jrp.roi_pool_with_argmax(f, b, (4, 5), 0.5, layout=layout)[1]
+
+    got = run_on(gpu(), fn, features, boxes, cot)
+    want = run_on(cpu(), fn, features, boxes, cot)
+    for g, w, what in zip(got, want, ("output", "gradient", "argmax")):
+        assert_bitwise(g, w, f"per-image {what}")
+
+
 @pytest.mark.parametrize("scale", SCALES)
 def test_torchvision_roi_pool(scale):
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
+    # The GPU tests need torch + torchvision with CUDA (the GPU image has them).
+    import torch
+    import torchvision
     if not torch.cuda.is_available():
         pytest.fail("torch cannot see the GPU that jax sees")
     for seed in range(8):
