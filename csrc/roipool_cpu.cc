@@ -17,6 +17,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "roipool_ffi.h"
 #include "roipool_geometry.h"
@@ -90,6 +93,25 @@ inline bool replaces_max(A candidate, A best) {
   return candidate > best || (candidate != candidate && best == best);
 }
 
+// XLA runs CPU computations, its thread pool included, with denormals
+// flushed to zero (FTZ/DAZ). Under DAZ all subnormals compare equal to 0, so
+// the max of a bin of subnormals would keep the first cell where torchvision
+// and the CUDA kernels keep the largest. Every kernel body runs with exact
+// denormals instead, restoring the caller's mode afterwards.
+class ExactDenormals {
+ public:
+#if defined(__SSE__)
+  ExactDenormals() : saved_(_mm_getcsr()) {
+    constexpr unsigned kFlushToZero = 1u << 15, kDenormalsAreZero = 1u << 6;
+    _mm_setcsr(saved_ & ~(kFlushToZero | kDenormalsAreZero));
+  }
+  ~ExactDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
 // ---------------------------------------------------------------------------
 // Parallel loop over [0, count) in chunks of `grain` on XLA's intra-op pool.
 // The calling thread takes chunks too and waits only for chunks that were
@@ -105,6 +127,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t grain,
   const int64_t helpers =
       std::min<int64_t>(pool.num_threads(), chunks - 1);
   if (helpers <= 0) {
+    ExactDenormals exact;
     body(0, count);
     return;
   }
@@ -116,6 +139,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t grain,
   };
   auto state = std::make_shared<State>();
   auto run_chunks = [state, chunks, count, grain, &body]() {
+    ExactDenormals exact;
     for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
       body(i * grain, std::min(count, (i + 1) * grain));
       if (state->done.fetch_add(1) + 1 == chunks) {
@@ -345,7 +369,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
       const C scale = C(spatial_scale);
       advise_huge_pages(y, out->size_bytes());
       if (idx) advise_huge_pages(idx, argmax->size_bytes());
-      if (p.r == 0) return ffi::Error::Success();
+      if (p.r == 0 || f.c == 0) return ffi::Error::Success();  // nothing to pool
       std::vector<T> transposed;
       if (layout == kNCHW) {
         transposed.resize(f.n * f.h * f.w * f.c);
@@ -510,6 +534,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     const T* cot = reinterpret_cast<const T*>(cotangent.untyped_data());
     const int32_t* idx = argmax.typed_data();
     T* out = reinterpret_cast<T*>(grad->untyped_data());
+    if (grad->element_count() == 0) return ffi::Error::Success();
     advise_huge_pages(out, grad->size_bytes());
     const int64_t workers = std::max<int64_t>(pool.num_threads(), 0) + 1;
     const int64_t private_bytes = workers * f.n * f.h * f.w * f.c * int64_t(sizeof(Acc));

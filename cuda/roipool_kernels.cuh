@@ -15,8 +15,9 @@ namespace roipool {
 constexpr int kBlockSize = 256;
 
 // ---------------------------------------------------------------------------
-// Element types: 16-bit floats are compared and accumulated in float; the
-// output of the max is a bit-exact copy of the chosen input element.
+// Element types: 16-bit floats are compared in float; the output of the max
+// is a bit-exact copy of the chosen input element. The scatter adds with
+// native atomics of the element type.
 
 template <typename T>
 struct Value {  // float and double

@@ -105,9 +105,9 @@ def roi_pool(
 
     Multiple devices: with per-image boxes, ``jit`` partitions the call the
     way the features and boxes are sharded along the image axis N (and the
-    box axis K and the channel axis C): each device pools its own images,
-    with no all-gather of the feature maps (sharded H or W are gathered
-    first). This works with Shardy and GSPMD, with automatic and explicit
+    channel axis C; the forward also keeps the box axis K): each device pools
+    its own images, with no all-gather of the feature maps (sharded H or W
+    are gathered first). This works with Shardy and GSPMD, with automatic and explicit
     mesh axes, and under ``vmap``. Flat ``[R, 5]`` rois may name any image,
     so XLA replicates the features for them: correct, but it all-gathers
     them. Inside ``shard_map`` both forms pool the local block (batch

@@ -267,7 +267,10 @@ def _offset_argmax(argmax, features_shape, layout, sign=1):
     n, h, w, _ = _checks.feature_dims(features_shape, layout)
     offset = jnp.arange(argmax.shape[0], dtype=np.int32) * (sign * n * h * w)
     offset = offset.reshape((-1,) + (1,) * (argmax.ndim - 1))
-    return jnp.where(argmax >= 0, argmax + offset, -1)
+    # Entries that name no cell of their copy stay "no cell" (-1) rather than
+    # landing in a neighbouring copy; the kernel's own output is always in range.
+    names_cell = argmax >= 0 if sign < 0 else reference.in_range(argmax, features_shape, layout)
+    return jnp.where(names_cell, argmax + offset, -1)
 
 
 def _folded_shape(features_shape, size):

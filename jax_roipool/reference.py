@@ -105,7 +105,7 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     return out, argmax if with_argmax else jnp.zeros((0,), jnp.int32)
 
 
-def _in_range(argmax, features_shape, layout: str):
+def in_range(argmax, features_shape, layout: str):
     """Argmax entries naming a cell; like the kernels, anything outside [0, N*H*W) is no cell."""
     n, h, w, _ = _checks.feature_dims(features_shape, layout)
     return (argmax >= 0) & (argmax < n * h * w)
@@ -114,7 +114,7 @@ def _in_range(argmax, features_shape, layout: str):
 def _cell_offsets(argmax, features_shape, layout: str):
     """Flat offsets into a feature-shaped array of (argmax cell, channel); cell 0 where no cell."""
     _, h, w, c = _checks.feature_dims(features_shape, layout)
-    cell = jnp.where(_in_range(argmax, features_shape, layout), argmax, 0)
+    cell = jnp.where(in_range(argmax, features_shape, layout), argmax, 0)
     if layout == "NHWC":
         return cell * c + lax.broadcasted_iota(jnp.int32, argmax.shape, 3)
     channel = lax.broadcasted_iota(jnp.int32, argmax.shape, 1)
@@ -124,14 +124,14 @@ def _cell_offsets(argmax, features_shape, layout: str):
 def gather(source, argmax, *, layout):
     """source[cell(argmax), channel], 0 where argmax is -1 (the forward's tangent)."""
     values = source.reshape(-1)[_cell_offsets(argmax, source.shape, layout)]
-    return jnp.where(_in_range(argmax, source.shape, layout), values,
+    return jnp.where(in_range(argmax, source.shape, layout), values,
                      jnp.zeros((), source.dtype))
 
 
 def scatter(cotangent, argmax, *, layout, features_shape):
     """Scatter-add of the cotangent at argmax (transpose of gather)."""
     acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
-    updates = jnp.where(_in_range(argmax, features_shape, layout), cotangent, 0)
+    updates = jnp.where(in_range(argmax, features_shape, layout), cotangent, 0)
     size = int(np.prod(features_shape))
     flat = jnp.zeros(size, acc_dtype).at[_cell_offsets(argmax, features_shape, layout)].add(
         updates.astype(acc_dtype))

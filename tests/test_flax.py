@@ -13,12 +13,11 @@ import pytest
 import jax_roipool as jrp
 from conftest import random_features, random_rois
 
-flax = pytest.importorskip("flax")
-import flax.linen as nn  # noqa: E402
-from flax import nnx  # noqa: E402
+import flax.linen as nn
+from flax import nnx
 
-from jax_roipool.linen import RoIPool as LinenRoIPool  # noqa: E402
-from jax_roipool.nnx import RoIPool as NnxRoIPool  # noqa: E402
+from jax_roipool.linen import RoIPool as LinenRoIPool
+from jax_roipool.nnx import RoIPool as NnxRoIPool
 
 N, H, W, C = 2, 10, 12, 3
 SCALE = 0.5

@@ -342,3 +342,21 @@ def test_per_image_boxes_equal_flat_rois(layout):
     assert out.shape == (3, 5) + want_out.shape[1:]
     assert_exact(out, want_out.reshape(out.shape))
     assert_exact(arg, want_arg.reshape(arg.shape))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+def test_subnormal_values_are_ordered(dtype, layout):
+    # XLA's CPU runtime flushes denormals to zero; the kernels must not, or
+    # all subnormals compare equal and the first cell wins.
+    tiny = np.finfo(dtype).smallest_subnormal
+    values = (np.array([1, 3, 2, 0]) * tiny).astype(dtype)
+    features = values.reshape(1, 2, 2, 1)
+    if layout == "NCHW":
+        features = features.transpose(0, 3, 1, 2)
+    rois = np.array([[0, 0, 0, 1, 1]], dtype)
+    with x64_for(dtype):
+        out, argmax = jrp.roi_pool_with_argmax(features, rois, 1, layout=layout)
+        grad = jax.grad(lambda f: jrp.roi_pool(f, rois, 1, layout=layout).sum())(features)
+    assert np.asarray(out).item() == 3 * tiny and np.asarray(argmax).item() == 1
+    np.testing.assert_array_equal(np.asarray(grad).reshape(-1), [0, 1, 0, 0])

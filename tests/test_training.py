@@ -19,8 +19,6 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_frcnn.py"
 STEPS, BATCH, SEED = 200, 8, 0
