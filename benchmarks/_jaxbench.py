@@ -6,7 +6,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_roipool

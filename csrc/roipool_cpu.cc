@@ -1,6 +1,9 @@
 // CPU kernels of roi_pool behind the XLA FFI: the forward pass with argmax,
-// the gather at argmax (JVP tangent) and the scatter-add at argmax (its
-// transpose). Work is split over XLA's intra-op thread pool.
+// the gather at the argmax (JVP tangent) and the scatter-add at the argmax
+// (its transpose). Gather and scatter recompute the argmax from the features
+// chunk by chunk instead of reading a stored one: the argmax never goes
+// through memory, which halves the traffic of a forward + backward. Work is
+// split over XLA's intra-op thread pool.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -10,8 +13,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <type_traits>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -84,13 +87,6 @@ struct Element<BFloat16> {
 template <typename F>
 ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
   return roipool::dispatch_value_type<Half, BFloat16>(dtype, std::forward<F>(fn));
-}
-
-// True when `candidate` should replace the running maximum `best`: strictly
-// greater (ties keep the first cell in row-major order), or the first NaN.
-template <typename A>
-inline bool replaces_max(A candidate, A best) {
-  return candidate > best || (candidate != candidate && best == best);
 }
 
 // XLA runs CPU computations, its thread pool included, with denormals
@@ -181,17 +177,7 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 // ---------------------------------------------------------------------------
-// Offset of (cell, channel) in a feature-shaped buffer, where cell is the
-// flat (n * H + h) * W + w index stored in argmax.
-inline int64_t cell_offset(int64_t cell, int64_t c, const FeatureShape& f,
-                           int32_t layout) {
-  if (layout == kNHWC) return cell * f.c + c;
-  const int64_t plane = f.h * f.w;
-  return ((cell / plane) * f.c + c) * plane + cell % plane;
-}
-
-// ---------------------------------------------------------------------------
-// Forward: max over each bin, and its cell index.
+// Pooling: max over each bin, and its cell index.
 
 // The channel loops below are the hot spots of the NHWC kernels; they are
 // compiled for AVX2 and for the baseline ISA, picked at load time.
@@ -201,8 +187,8 @@ inline int64_t cell_offset(int64_t cell, int64_t c, const FeatureShape& f,
 #define ROIPOOL_VECTOR_CLONES
 #endif
 
-// Fold one more cell (its C channels) into the running maxima of a bin.
-// Each lane loads the old maximum and always stores the new one, so the
+// Fold one more cell (its `channels` values) into the running maxima of a
+// bin. Each lane loads the old maximum and always stores the new one, so the
 // compiler emits compare + blend; a conditional store would become a masked
 // store, which is very slow on some x86 cores.
 template <typename T>
@@ -230,50 +216,103 @@ ROIPOOL_VECTOR_CLONES void fold_cell_argmax(
   }
 }
 
-// Pools the bins [k_begin, k_end) (flat ph * PW + pw) of one RoI from an
-// NHWC image [H, W, C] into out[(k - k_begin) * C + c], and their cells into
-// argmax likewise when it is non-null. `best` and `best_cell` hold C values.
+// float32 with argmax, the backward's hot loop: 16 channels at a time, whose
+// running maxima and cells stay in four 8-lane registers while the bin's
+// cells stream through. Returns how many leading channels it pooled (a
+// multiple of 16); the caller pools the rest.
+typedef float F32x8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4)));
+
+ROIPOOL_VECTOR_CLONES int64_t pool_bin_f32_argmax(
+    const float* __restrict first, Span sy, Span sx, int64_t width,
+    int64_t stride, int32_t first_cell, int64_t count, float* __restrict out,
+    int32_t* __restrict arg) {
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) {
+    const float* base = first + j;
+    F32x8 b0 = *reinterpret_cast<const F32x8*>(base);
+    F32x8 b1 = *reinterpret_cast<const F32x8*>(base + 8);
+    I32x8 c0 = I32x8{} + first_cell, c1 = c0;
+    int32_t row_cell = first_cell;  // cell at (h, sx.begin)
+    for (int32_t h = sy.begin; h < sy.end; ++h, row_cell += int32_t(width)) {
+      const float* px = base + (int64_t(h - sy.begin) * width) * stride;
+      // The first cell is already folded in.
+      const int32_t w0 = h == sy.begin ? 1 : 0;
+      for (int32_t w = w0; w < sx.end - sx.begin; ++w) {
+        const F32x8 v0 = *reinterpret_cast<const F32x8*>(px + w * stride);
+        const F32x8 v1 = *reinterpret_cast<const F32x8*>(px + w * stride + 8);
+        const I32x8 cell = I32x8{} + (row_cell + w);
+        // replaces_max, lane-wise: !(v <= best) && best == best.
+        const I32x8 t0 = ~(v0 <= b0) & (b0 == b0);
+        const I32x8 t1 = ~(v1 <= b1) & (b1 == b1);
+        b0 = t0 ? v0 : b0;
+        b1 = t1 ? v1 : b1;
+        c0 = t0 ? cell : c0;
+        c1 = t1 ? cell : c1;
+      }
+    }
+    std::memcpy(out + j, &b0, sizeof(b0));
+    std::memcpy(out + j + 8, &b1, sizeof(b1));
+    std::memcpy(arg + j, &c0, sizeof(c0));
+    std::memcpy(arg + j + 8, &c1, sizeof(c1));
+  }
+  return j;
+}
+
+// The channels [begin, begin + count) of every cell: all of C, or the block
+// one worker of a channel-split scatter owns.
+struct Channels {
+  int64_t begin, count;
+};
+
+// Pools the bins [k_begin, k_end) (flat ph * PW + pw) of one RoI, channels
+// `ch`, from an NHWC image [H, W, C] into out[(k - k_begin) * ch.count + j]
+// (channel ch.begin + j), and their cells into argmax likewise when it is
+// non-null. `best` and `best_cell` hold ch.count values.
 template <typename T, typename C>
 void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
-                    const PooledShape& p, int32_t bins, int64_t k_begin,
-                    int64_t k_end, T* out, int32_t* argmax,
+                    const PooledShape& p, int32_t bins, const Channels& ch,
+                    int64_t k_begin, int64_t k_end, T* out, int32_t* argmax,
                     typename Element<T>::Acc* best, int32_t* best_cell) {
   using Acc = typename Element<T>::Acc;
   const int32_t row0 = int32_t(g.batch * f.h);
+  const int64_t nc = ch.count;
   for (int64_t k = k_begin; k < k_end; ++k) {
     const int32_t ph = int32_t(k / p.pw), pw = int32_t(k % p.pw);
     const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
     const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
-    T* y = out + (k - k_begin) * f.c;
-    int32_t* arg = argmax ? argmax + (k - k_begin) * f.c : nullptr;
+    T* y = out + (k - k_begin) * nc;
+    int32_t* arg = argmax ? argmax + (k - k_begin) * nc : nullptr;
     if (!g.valid || sy.empty() || sx.empty()) {
-      std::fill(y, y + f.c, Element<T>::store(Acc(0)));
-      if (arg) std::fill(arg, arg + f.c, -1);
+      std::fill(y, y + nc, Element<T>::store(Acc(0)));
+      if (arg) std::fill(arg, arg + nc, -1);
       continue;
     }
-    const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c;
-    for (int64_t c = 0; c < f.c; ++c) best[c] = Element<T>::load(first[c]);
-    if (arg)
-      std::fill(best_cell, best_cell + f.c,
-                (row0 + sy.begin) * int32_t(f.w) + sx.begin);
+    const int32_t first_cell = (row0 + sy.begin) * int32_t(f.w) + sx.begin;
+    const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c + ch.begin;
+    int64_t c0 = 0;  // channels [0, c0) done
+    if constexpr (std::is_same_v<T, float>)
+      if (arg) c0 = pool_bin_f32_argmax(first, sy, sx, f.w, f.c, first_cell, nc, y, arg);
+    for (int64_t c = c0; c < nc; ++c) best[c] = Element<T>::load(first[c]);
+    if (arg) std::fill(best_cell + c0, best_cell + nc, first_cell);
     for (int32_t h = sy.begin; h < sy.end; ++h) {
       // The first cell is already folded in.
       for (int32_t w = (h == sy.begin ? sx.begin + 1 : sx.begin); w < sx.end;
            ++w) {
-        const T* px = image + (int64_t(h) * f.w + w) * f.c;
+        const T* px = image + (int64_t(h) * f.w + w) * f.c + ch.begin + c0;
         if (arg)
-          fold_cell_argmax<T>(px, best, best_cell,
-                              (row0 + h) * int32_t(f.w) + w, f.c);
+          fold_cell_argmax<T>(px, best + c0, best_cell + c0,
+                              (row0 + h) * int32_t(f.w) + w, nc - c0);
         else
-          fold_cell<T>(px, best, f.c);
+          fold_cell<T>(px, best + c0, nc - c0);
       }
     }
-    for (int64_t c = 0; c < f.c; ++c) y[c] = Element<T>::store(best[c]);
-    if (arg) std::copy(best_cell, best_cell + f.c, arg);
+    for (int64_t c = c0; c < nc; ++c) y[c] = Element<T>::store(best[c]);
+    if (arg) std::copy(best_cell + c0, best_cell + nc, arg + c0);
   }
 }
 
-// NHWC: each RoI's bins go straight to the output.
+// NHWC forward: each RoI's bins go straight to the output.
 template <typename T, typename C>
 void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
                   const FeatureShape& f, const PooledShape& p, C scale,
@@ -284,46 +323,69 @@ void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
   for (int64_t r = roi_begin; r < roi_end; ++r) {
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
-    pool_bins_nhwc(features + g.batch * f.h * f.w * f.c, g, f, p, bins, 0,
-                   p.ph * p.pw, out + r * roi_size,
+    pool_bins_nhwc(features + g.batch * f.h * f.w * f.c, g, f, p, bins,
+                   Channels{0, f.c}, 0, p.ph * p.pw, out + r * roi_size,
                    argmax ? argmax + r * roi_size : nullptr, best.data(),
                    best_cell.data());
   }
 }
 
-// NCHW: features were transposed to NHWC (`features_nhwc`) so that the
-// channel loops vectorise; bins are pooled in chunks that stay in cache and
-// are transposed into the [C, PH, PW] output of each RoI.
-template <typename T, typename C>
-void forward_nchw(const T* features_nhwc, const C* rois, T* out,
-                  int32_t* argmax, const FeatureShape& f, const PooledShape& p,
-                  C scale, int32_t bins, int64_t roi_begin, int64_t roi_end) {
+// Pools the RoIs [roi_begin, roi_end), channels `ch`, from NHWC features a
+// cache-sized chunk of bins at a time, and hands every chunk to
+// consume(r, k0, k1, max, arg): bins [k0, k1) of RoI r, their maxima and
+// (when with_argmax) cells at [(k - k0) * ch.count + j] for channel
+// ch.begin + j. The other kernels are this plus what they do with a chunk.
+template <typename T, typename C, typename Consume>
+void pool_in_chunks(const T* features_nhwc, const C* rois,
+                    const FeatureShape& f, const PooledShape& p, C scale,
+                    int32_t bins, const Channels& ch, bool with_argmax,
+                    int64_t roi_begin, int64_t roi_end, Consume&& consume) {
   constexpr int64_t kChunkElements = 16 * 1024;
   const int64_t bin_plane = p.ph * p.pw;
-  const int64_t chunk = std::max<int64_t>(1, kChunkElements / f.c);
-  const int64_t chunk_bins = std::min(chunk, bin_plane);
-  std::vector<typename Element<T>::Acc> best(f.c);
-  std::vector<int32_t> best_cell(argmax ? f.c : 0);
-  std::vector<T> chunk_out(chunk_bins * f.c);
-  std::vector<int32_t> chunk_arg(argmax ? chunk_bins * f.c : 0);
+  const int64_t chunk_bins = std::min(
+      bin_plane, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(ch.count, 1)));
+  std::vector<typename Element<T>::Acc> best(ch.count);
+  std::vector<int32_t> best_cell(with_argmax ? ch.count : 0);
+  std::vector<T> chunk_max(chunk_bins * ch.count);
+  std::vector<int32_t> chunk_arg(with_argmax ? chunk_bins * ch.count : 0);
+  int32_t* arg = with_argmax ? chunk_arg.data() : nullptr;
   for (int64_t r = roi_begin; r < roi_end; ++r) {
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
     const T* image = features_nhwc + g.batch * f.h * f.w * f.c;
     for (int64_t k0 = 0; k0 < bin_plane; k0 += chunk_bins) {
       const int64_t k1 = std::min(bin_plane, k0 + chunk_bins);
-      pool_bins_nhwc(image, g, f, p, bins, k0, k1, chunk_out.data(),
-                     argmax ? chunk_arg.data() : nullptr, best.data(),
-                     best_cell.data());
-      for (int64_t c = 0; c < f.c; ++c) {
-        const int64_t o = (r * f.c + c) * bin_plane;
-        for (int64_t k = k0; k < k1; ++k) {
-          out[o + k] = chunk_out[(k - k0) * f.c + c];
-          if (argmax) argmax[o + k] = chunk_arg[(k - k0) * f.c + c];
-        }
-      }
+      pool_bins_nhwc(image, g, f, p, bins, ch, k0, k1, chunk_max.data(), arg,
+                     best.data(), best_cell.data());
+      consume(r, k0, k1, chunk_max.data(), arg);
     }
   }
+}
+
+// Calls fn(i, o, stride) for every bin of a chunk (RoI r, bins [k0, k1)):
+// its ch.count values are at i + j in the chunk and at o + j * stride in an
+// output-shaped buffer (channel ch.begin + j).
+template <typename F>
+inline void for_chunk_bins(int64_t r, int64_t k0, int64_t k1,
+                           const Channels& ch, const PooledShape& p,
+                           int32_t layout, F&& fn) {
+  const int64_t bin_plane = p.ph * p.pw;
+  const int64_t stride = layout == kNHWC ? 1 : bin_plane;
+  for (int64_t k = k0; k < k1; ++k)
+    fn((k - k0) * ch.count,
+       pooled_offset(r, k, ch.begin, p.c, bin_plane, layout), stride);
+}
+
+// acc[arg[j] * channels + j] += cot[j * stride] for the `count` channels of
+// one bin; acc points at the bin's first channel. A bin names a cell in
+// every channel or (empty bin, invalid RoI) in none.
+template <typename T>
+void add_at_cells(const int32_t* __restrict arg, const T* __restrict cot,
+                  int64_t stride, typename Element<T>::Acc* __restrict acc,
+                  int64_t channels, int64_t count) {
+  if (count == 0 || arg[0] < 0) return;
+  for (int64_t j = 0; j < count; ++j)
+    acc[int64_t(arg[j]) * channels + j] += Element<T>::load(cot[j * stride]);
 }
 
 // [N, C, H, W] -> [N, H, W, C], split over images and rows.
@@ -342,219 +404,243 @@ void transpose_to_nhwc(ffi::ThreadPool& pool, const T* src, T* dst,
   });
 }
 
+// The features in NHWC order: themselves, or (NCHW) a transposed copy kept
+// in `storage`, so that the channel loops vectorise in both layouts.
+template <typename T>
+const T* nhwc_features(ffi::ThreadPool& pool, const T* features,
+                       const FeatureShape& f, int32_t layout,
+                       std::vector<T>& storage) {
+  if (layout == kNHWC) return features;
+  storage.resize(f.n * f.h * f.w * f.c);
+  transpose_to_nhwc(pool, features, storage.data(), f);
+  return storage.data();
+}
+
+template <typename T>
+const T* data_of(const ffi::AnyBuffer& buffer) {
+  return reinterpret_cast<const T*>(buffer.untyped_data());
+}
+template <typename T>
+T* data_of(ffi::Result<ffi::AnyBuffer>& buffer) {
+  return reinterpret_cast<T*>(buffer->untyped_data());
+}
+
+// Dispatches on the value type of `values` and the coordinate type of
+// `rois`: fn(TypeTag<T>, TypeTag<C>).
+template <typename F>
+ffi::Error dispatch_types(const ffi::AnyBuffer& values,
+                          const ffi::AnyBuffer& rois, F&& fn) {
+  return dispatch_value_type(values.element_type(), [&](auto value_tag) {
+    return dispatch_coord_type(rois.element_type(), [&](auto coord_tag) {
+      return fn(value_tag, coord_tag);
+    });
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
                    ffi::AnyBuffer rois, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::S32>> argmax, int32_t pooled_h,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
                    int32_t bins) {
-  if (auto err = check_layout(layout); err.failure()) return err;
-  const auto fd = features.dimensions();
-  const auto rd = rois.dimensions();
-  if (fd.size() != 4 || rd.size() != 2 || rd[1] != 5)
+  PoolShapes s;
+  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
+                                 bins, &s);
+      err.failure())
+    return err;
+  // An empty argmax result asks for the maxima alone (no gradient needed).
+  const bool with_argmax = argmax->element_count() != 0;
+  if (!s.is_pooled(out->dimensions(), layout) ||
+      (with_argmax && !s.is_pooled(argmax->dimensions(), layout)) ||
+      out->element_type() != features.element_type())
     return ffi::Error::InvalidArgument(
-        "roi_pool: features must be rank 4 and rois [R, 5]");
-  if (bins != kFastRcnn && bins != kPartition)
-    return ffi::Error::InvalidArgument("roi_pool: unknown bins code");
-  const FeatureShape f = feature_shape(fd, layout);
-  const PooledShape p{rd[0], pooled_h, pooled_w, f.c};
-  return dispatch_value_type(features.element_type(), [&](auto value_tag) {
+        "roi_pool: output/argmax shape or dtype does not match the inputs");
+  const FeatureShape& f = s.f;
+  const PooledShape& p = s.p;
+  return dispatch_types(features, rois, [&](auto value_tag, auto coord_tag) {
     using T = typename decltype(value_tag)::type;
-    return dispatch_coord_type(rois.element_type(), [&](auto coord_tag) {
-      using C = typename decltype(coord_tag)::type;
-      const T* x = reinterpret_cast<const T*>(features.untyped_data());
-      const C* boxes = reinterpret_cast<const C*>(rois.untyped_data());
-      T* y = reinterpret_cast<T*>(out->untyped_data());
-      // An empty argmax result asks for the maxima alone (no gradient needed).
-      int32_t* idx = argmax->element_count() ? argmax->typed_data() : nullptr;
-      const C scale = C(spatial_scale);
-      advise_huge_pages(y, out->size_bytes());
-      if (idx) advise_huge_pages(idx, argmax->size_bytes());
-      if (p.r == 0 || f.c == 0) return ffi::Error::Success();  // nothing to pool
-      std::vector<T> transposed;
-      if (layout == kNCHW) {
-        transposed.resize(f.n * f.h * f.w * f.c);
-        transpose_to_nhwc(pool, x, transposed.data(), f);
-      }
-      parallel_for(pool, p.r, grain_for(pool, p.r),
-                   [&](int64_t begin, int64_t end) {
-                     if (layout == kNHWC)
-                       forward_nhwc(x, boxes, y, idx, f, p, scale, bins,
-                                    begin, end);
-                     else
-                       forward_nchw(transposed.data(), boxes, y, idx, f, p,
-                                    scale, bins, begin, end);
-                   });
-      return ffi::Error::Success();
-    });
-  });
-}
-
-// ---------------------------------------------------------------------------
-// Gather at argmax: out[o] = source[cell(argmax[o]), channel(o)], 0 if -1.
-
-ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
-                  ffi::Buffer<ffi::S32> argmax, ffi::Result<ffi::AnyBuffer> out,
-                  int32_t layout) {
-  if (auto err = check_layout(layout); err.failure()) return err;
-  if (source.dimensions().size() != 4 || argmax.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("roi_pool gather: rank-4 operands");
-  const FeatureShape f = feature_shape(source.dimensions(), layout);
-  const PooledShape p = pooled_shape(argmax.dimensions(), layout);
-  return dispatch_value_type(source.element_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const T* src = reinterpret_cast<const T*>(source.untyped_data());
-    const int32_t* idx = argmax.typed_data();
-    T* y = reinterpret_cast<T*>(out->untyped_data());
-    const int64_t total = p.r * p.ph * p.pw * p.c;
-    const int64_t bin_plane = p.ph * p.pw;
-    const int64_t cells = f.n * f.h * f.w;
+    using C = typename decltype(coord_tag)::type;
+    const C* boxes = data_of<C>(rois);
+    T* y = data_of<T>(out);
+    int32_t* idx = with_argmax ? argmax->typed_data() : nullptr;
+    const C scale = C(spatial_scale);
     advise_huge_pages(y, out->size_bytes());
-    parallel_for(pool, total, grain_for(pool, total),
-                 [&](int64_t begin, int64_t end) {
-                   for (int64_t o = begin; o < end; ++o) {
-                     const int64_t c = layout == kNHWC
-                                           ? o % p.c
-                                           : (o / bin_plane) % p.c;
-                     y[o] = argmax_in_range(idx[o], cells)
-                                ? src[cell_offset(idx[o], c, f, layout)]
-                                : Element<T>::store(0);
-                   }
-                 });
+    if (idx) advise_huge_pages(idx, argmax->size_bytes());
+    if (p.r == 0 || f.c == 0) return ffi::Error::Success();  // nothing to pool
+    const int64_t grain = grain_for(pool, p.r);
+    if (layout == kNHWC) {
+      parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
+        forward_nhwc(data_of<T>(features), boxes, y, idx, f, p, scale, bins,
+                     begin, end);
+      });
+      return ffi::Error::Success();
+    }
+    // NCHW: chunks of bins are transposed into each RoI's [C, PH, PW].
+    std::vector<T> storage;
+    const T* x = nhwc_features(pool, data_of<T>(features), f, layout, storage);
+    const Channels all{0, f.c};
+    parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
+      pool_in_chunks(x, boxes, f, p, scale, bins, all, idx != nullptr, begin,
+                     end, [&](int64_t r, int64_t k0, int64_t k1,
+                              const T* max, const int32_t* arg) {
+                       for_chunk_bins(r, k0, k1, all, p, layout,
+                                      [&](int64_t i, int64_t o, int64_t stride) {
+                                        for (int64_t c = 0; c < f.c; ++c) {
+                                          y[o + c * stride] = max[i + c];
+                                          if (idx) idx[o + c * stride] = arg[i + c];
+                                        }
+                                      });
+                     });
+    });
     return ffi::Error::Success();
   });
 }
 
 // ---------------------------------------------------------------------------
-// Scatter-add at argmax, without atomics and in a fixed summation order
+// Gather at the argmax (the JVP's tangent): out[o] = source[cell(o), c], 0
+// for an empty bin, where cell(o) is the cell the forward picks for o.
+
+ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
+                  ffi::AnyBuffer features, ffi::AnyBuffer rois,
+                  ffi::Result<ffi::AnyBuffer> out, int32_t pooled_h,
+                  int32_t pooled_w, double spatial_scale, int32_t layout,
+                  int32_t bins) {
+  PoolShapes s;
+  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
+                                 bins, &s);
+      err.failure())
+    return err;
+  if (!same_dims(source.dimensions(), features.dimensions()) ||
+      source.element_type() != features.element_type() ||
+      !s.is_pooled(out->dimensions(), layout) ||
+      out->element_type() != features.element_type())
+    return ffi::Error::InvalidArgument(
+        "roi_pool gather: source must be like features, output pooled");
+  const FeatureShape& f = s.f;
+  const PooledShape& p = s.p;
+  return dispatch_types(features, rois, [&](auto value_tag, auto coord_tag) {
+    using T = typename decltype(value_tag)::type;
+    using C = typename decltype(coord_tag)::type;
+    const T* src = data_of<T>(source);
+    T* y = data_of<T>(out);
+    advise_huge_pages(y, out->size_bytes());
+    if (p.r == 0 || f.c == 0) return ffi::Error::Success();
+    std::vector<T> storage;
+    const T* x = nhwc_features(pool, data_of<T>(features), f, layout, storage);
+    const Channels all{0, f.c};
+    const int64_t plane = f.h * f.w;
+    const T zero = Element<T>::store(0);
+    parallel_for(pool, p.r, grain_for(pool, p.r), [&](int64_t begin, int64_t end) {
+      pool_in_chunks(
+          x, data_of<C>(rois), f, p, C(spatial_scale), bins, all, true, begin,
+          end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
+            for_chunk_bins(r, k0, k1, all, p, layout,
+                           [&](int64_t i, int64_t o, int64_t stride) {
+                             for (int64_t c = 0; c < f.c; ++c) {
+                               const int32_t cell = arg[i + c];
+                               y[o + c * stride] =
+                                   cell < 0 ? zero
+                                            : src[cell_offset(cell, c, f.c, plane, layout)];
+                             }
+                           });
+          });
+    });
+    return ffi::Error::Success();
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Scatter-add at the argmax (the gather's transpose): grad[cell(o), c] +=
+// cotangent[o]. Without atomics and in a fixed summation order
 // (deterministic for a given thread count), by one of two splits:
-// - bins: each worker adds a contiguous range of bins into its own
-//   feature-sized accumulator, then the accumulators are summed in worker
-//   order. The cotangent and argmax stream through in order and each RoI's
-//   cells stay in cache; several times faster in NHWC, but it needs one
-//   accumulator per worker, so it is used when they fit kPrivateBudget.
-// - channels: each worker owns a block of channels of the whole gradient, so
-//   no two workers write the same element. No extra memory; the right split
-//   for NCHW, where a channel's plane is small and contiguous.
-// 16-bit types accumulate in float.
+// - RoIs: each worker pools a contiguous range of RoIs and adds into its
+//   own feature-sized accumulator; the accumulators are summed in worker
+//   order. The cotangent streams through in order and each RoI's cells stay
+//   in cache. Needs one accumulator per worker, so it is used when they fit
+//   kPrivateBudget.
+// - channels: each worker pools all RoIs for its own block of channels, so
+//   no two workers add into the same element. One accumulator in all.
+// Accumulators are NHWC-ordered; 16-bit types accumulate in float.
 
 constexpr int64_t kPrivateBudget = int64_t(128) << 20;  // bytes
 
-template <typename T>
-void scatter_by_bins(ffi::ThreadPool& pool, const T* cot, const int32_t* idx,
-                     T* out, const FeatureShape& f, const PooledShape& p,
-                     int64_t workers) {
-  using Acc = typename Element<T>::Acc;
-  const int64_t cells = f.n * f.h * f.w, size = cells * f.c;
-  const int64_t bins = p.r * p.ph * p.pw;
-  std::vector<std::vector<Acc>> partial(workers);
-  parallel_for(pool, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      partial[w].assign(size, Acc(0));
-      Acc* acc = partial[w].data();
-      for (int64_t b = bins * w / workers; b < bins * (w + 1) / workers; ++b) {
-        for (int64_t c = 0; c < f.c; ++c) {
-          const int64_t o = b * f.c + c;
-          if (argmax_in_range(idx[o], cells))
-            acc[int64_t(idx[o]) * f.c + c] += Element<T>::load(cot[o]);
-        }
-      }
-    }
-  });
-  parallel_for(pool, cells, grain_for(pool, cells),
-               [&](int64_t begin, int64_t end) {
-                 for (int64_t i = begin * f.c; i < end * f.c; ++i) {
-                   Acc sum = partial[0][i];
-                   for (int64_t w = 1; w < workers; ++w) sum += partial[w][i];
-                   out[i] = Element<T>::store(sum);
-                 }
-               });
-}
-
-template <typename T>
-void scatter_channels(const T* cot, const int32_t* idx,
-                      typename Element<T>::Acc* acc, const FeatureShape& f,
-                      const PooledShape& p, int32_t layout, int64_t c_begin,
-                      int64_t c_end) {
-  using Acc = typename Element<T>::Acc;
-  const int64_t cells = f.n * f.h * f.w;
-  const int64_t bins = p.r * p.ph * p.pw;
-  if (layout == kNHWC) {
-    for (int64_t cell = 0; cell < cells; ++cell)
-      std::fill(acc + cell * f.c + c_begin, acc + cell * f.c + c_end, Acc(0));
-    for (int64_t b = 0; b < bins; ++b) {
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const int64_t o = b * p.c + c;
-        if (argmax_in_range(idx[o], cells))
-          acc[int64_t(idx[o]) * f.c + c] += Element<T>::load(cot[o]);
-      }
-    }
-    return;
-  }
-  const int64_t plane = f.h * f.w;
-  const int64_t bin_plane = p.ph * p.pw;
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    for (int64_t n = 0; n < f.n; ++n) {
-      Acc* dst = acc + (n * f.c + c) * plane;
-      std::fill(dst, dst + plane, Acc(0));
-    }
-    for (int64_t r = 0; r < p.r; ++r) {
-      const int64_t o0 = (r * p.c + c) * bin_plane;
-      for (int64_t k = 0; k < bin_plane; ++k) {
-        const int32_t cell = idx[o0 + k];
-        if (argmax_in_range(cell, cells))
-          acc[cell_offset(cell, c, f, layout)] += Element<T>::load(cot[o0 + k]);
-      }
-    }
-  }
-}
-
-// Converts the channels [c_begin, c_end) of a float accumulator to T.
-template <typename T>
-void store_channels(const float* acc, T* grad, const FeatureShape& f,
-                    int32_t layout, int64_t c_begin, int64_t c_end) {
-  const int64_t cells = f.n * f.h * f.w;
-  for (int64_t cell = 0; cell < cells; ++cell)
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t at = cell_offset(cell, c, f, layout);
-      grad[at] = Element<T>::store(acc[at]);
-    }
-}
-
 ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
-                   ffi::Buffer<ffi::S32> argmax,
-                   ffi::Result<ffi::AnyBuffer> grad, int32_t layout) {
-  if (auto err = check_layout(layout); err.failure()) return err;
-  if (cotangent.dimensions().size() != 4 || grad->dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("roi_pool scatter: rank-4 operands");
-  const FeatureShape f = feature_shape(grad->dimensions(), layout);
-  const PooledShape p = pooled_shape(cotangent.dimensions(), layout);
-  return dispatch_value_type(cotangent.element_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
+                   ffi::AnyBuffer features, ffi::AnyBuffer rois,
+                   ffi::Result<ffi::AnyBuffer> grad, int32_t pooled_h,
+                   int32_t pooled_w, double spatial_scale, int32_t layout,
+                   int32_t bins) {
+  PoolShapes s;
+  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
+                                 bins, &s);
+      err.failure())
+    return err;
+  if (!s.is_pooled(cotangent.dimensions(), layout) ||
+      cotangent.element_type() != features.element_type() ||
+      !same_dims(grad->dimensions(), features.dimensions()) ||
+      grad->element_type() != features.element_type())
+    return ffi::Error::InvalidArgument(
+        "roi_pool scatter: cotangent must be pooled, grad like features");
+  const FeatureShape& f = s.f;
+  const PooledShape& p = s.p;
+  return dispatch_types(features, rois, [&](auto value_tag, auto coord_tag) {
+    using T = typename decltype(value_tag)::type;
+    using C = typename decltype(coord_tag)::type;
     using Acc = typename Element<T>::Acc;
-    const T* cot = reinterpret_cast<const T*>(cotangent.untyped_data());
-    const int32_t* idx = argmax.typed_data();
-    T* out = reinterpret_cast<T*>(grad->untyped_data());
+    const T* cot = data_of<T>(cotangent);
+    T* out = data_of<T>(grad);
     if (grad->element_count() == 0) return ffi::Error::Success();
     advise_huge_pages(out, grad->size_bytes());
-    const int64_t workers = std::max<int64_t>(pool.num_threads(), 0) + 1;
-    const int64_t private_bytes = workers * f.n * f.h * f.w * f.c * int64_t(sizeof(Acc));
-    if (layout == kNHWC && workers > 1 && private_bytes <= kPrivateBudget) {
-      scatter_by_bins(pool, cot, idx, out, f, p, workers);
-      return ffi::Error::Success();
+    std::vector<T> storage;
+    const T* x = nhwc_features(pool, data_of<T>(features), f, layout, storage);
+    const int64_t cells = f.n * f.h * f.w, size = cells * f.c;
+    // The pool's threads (the calling thread helps too, but more accumulators
+    // than cores would only add memory traffic).
+    const int64_t workers = std::max<int64_t>(pool.num_threads(), 1);
+    const bool split_rois =
+        workers > 1 && workers * size * int64_t(sizeof(Acc)) <= kPrivateBudget;
+    std::vector<std::vector<Acc>> partial(split_rois ? workers : 1);
+    // Pools RoIs [r0, r1), channels ch, adding the cotangent into acc.
+    auto add = [&](Acc* acc, const Channels& ch, int64_t r0, int64_t r1) {
+      pool_in_chunks(
+          x, data_of<C>(rois), f, p, C(spatial_scale), bins, ch, true, r0, r1,
+          [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
+            for_chunk_bins(r, k0, k1, ch, p, layout,
+                           [&](int64_t i, int64_t o, int64_t stride) {
+                             add_at_cells(arg + i, cot + o, stride, acc + ch.begin,
+                                          f.c, ch.count);
+                           });
+          });
+    };
+    if (split_rois) {
+      parallel_for(pool, workers, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end; ++w) {
+          partial[w].assign(size, Acc(0));
+          add(partial[w].data(), Channels{0, f.c}, p.r * w / workers,
+              p.r * (w + 1) / workers);
+        }
+      });
+    } else {
+      partial[0].assign(size, Acc(0));
+      // Multiples of 16 channels keep the workers' writes on separate cache
+      // lines.
+      const int64_t block = (f.c + 16 * workers - 1) / (16 * workers) * 16;
+      const int64_t blocks = (f.c + block - 1) / block;
+      parallel_for(pool, blocks, 1, [&](int64_t begin, int64_t end) {
+        const int64_t c0 = begin * block, c1 = std::min(f.c, end * block);
+        add(partial[0].data(), Channels{c0, c1 - c0}, 0, p.r);
+      });
     }
-    constexpr bool kSeparateAcc = !std::is_same_v<T, Acc>;
-    std::vector<Acc> scratch(kSeparateAcc ? grad->element_count() : 0);
-    Acc* acc = kSeparateAcc ? scratch.data() : reinterpret_cast<Acc*>(out);
-    // One contiguous channel block per worker: long runs of each output row
-    // stream through the cache; multiples of 16 channels keep the workers'
-    // writes on separate cache lines in NHWC.
-    const int64_t block = (f.c + 16 * workers - 1) / (16 * workers) * 16;
-    const int64_t blocks = (f.c + block - 1) / block;
-    parallel_for(pool, blocks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t c0 = begin * block, c1 = std::min(f.c, end * block);
-      scatter_channels(cot, idx, acc, f, p, layout, c0, c1);
-      if constexpr (kSeparateAcc) store_channels(acc, out, f, layout, c0, c1);
-    });
+    const int64_t plane = f.h * f.w;
+    parallel_for(pool, cells, grain_for(pool, cells),
+                 [&](int64_t begin, int64_t end) {
+                   for (int64_t cell = begin; cell < end; ++cell)
+                     for (int64_t c = 0; c < f.c; ++c) {
+                       Acc sum = partial[0][cell * f.c + c];
+                       for (size_t w = 1; w < partial.size(); ++w)
+                         sum += partial[w][cell * f.c + c];
+                       out[cell_offset(cell, c, f.c, plane, layout)] =
+                           Element<T>::store(sum);
+                     }
+                 });
     return ffi::Error::Success();
   });
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstddef>
 #include <utility>
 
 #include "roipool_geometry.h"
@@ -50,12 +51,6 @@ ffi::Error dispatch_coord_type(ffi::DataType dtype, F&& fn) {
   }
 }
 
-inline ffi::Error check_layout(int32_t layout) {
-  if (layout != kNHWC && layout != kNCHW)
-    return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
-  return ffi::Error::Success();
-}
-
 // Logical extents. Feature-shaped buffers are [N, H, W, C] (NHWC) or
 // [N, C, H, W] (NCHW); output-shaped ones [R, PH, PW, C] or [R, C, PH, PW].
 struct FeatureShape {
@@ -74,16 +69,61 @@ inline PooledShape pooled_shape(ffi::Span<const int64_t> d, int32_t layout) {
                          : PooledShape{d[0], d[2], d[3], d[1]};
 }
 
+inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+// The logical shapes of one call, from its features and rois.
+struct PoolShapes {
+  FeatureShape f;
+  PooledShape p;
+
+  // Whether `dims` are the dimensions of an output-shaped buffer.
+  bool is_pooled(ffi::Span<const int64_t> dims, int32_t layout) const {
+    const int64_t nhwc[4] = {p.r, p.ph, p.pw, p.c};
+    const int64_t nchw[4] = {p.r, p.c, p.ph, p.pw};
+    return same_dims(dims, ffi::Span<const int64_t>(layout == kNHWC ? nhwc : nchw, 4));
+  }
+};
+
+// Checks what every handler shares: the attributes, features
+// [N, H, W, C] / [N, C, H, W] with N * H * W within int32 (argmax cells),
+// and rois [R, 5]. The Python side validates all of this at trace time; these
+// checks keep a hand-written custom call from reading out of bounds.
+inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
+                                  const ffi::AnyBuffer& rois, int32_t pooled_h,
+                                  int32_t pooled_w, int32_t layout,
+                                  int32_t bins, PoolShapes* shapes) {
+  if (layout != kNHWC && layout != kNCHW)
+    return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
+  if (bins != kFastRcnn && bins != kPartition)
+    return ffi::Error::InvalidArgument("roi_pool: unknown bins code");
+  if (pooled_h <= 0 || pooled_w <= 0)
+    return ffi::Error::InvalidArgument("roi_pool: pooled size must be > 0");
+  const auto fd = features.dimensions();
+  const auto rd = rois.dimensions();
+  if (fd.size() != 4 || rd.size() != 2 || rd[1] != 5)
+    return ffi::Error::InvalidArgument(
+        "roi_pool: features must be rank 4 and rois [R, 5]");
+  shapes->f = feature_shape(fd, layout);
+  const FeatureShape& f = shapes->f;
+  if (f.h > INT32_MAX || f.w > INT32_MAX || f.n * f.h * f.w > INT32_MAX)
+    return ffi::Error::InvalidArgument(
+        "roi_pool: N * H * W must fit in int32 (argmax cell indices)");
+  shapes->p = PooledShape{rd[0], pooled_h, pooled_w, f.c};
+  return ffi::Error::Success();
+}
+
 // The operands and attributes of the handlers, after the platform context, so
-// that the CPU and CUDA handlers of one op can never disagree on them.
-// forward: (features, rois) -> (out, argmax).
+// that the CPU and CUDA handlers of one op can never disagree on them. Every
+// handler takes the pooling attributes; gather and scatter recompute the
+// forward's argmax from (features, rois) rather than reading a stored one.
 template <typename Binding>
-auto bind_forward(Binding binding) {
+auto bind_pool_attrs(Binding binding) {
   return std::move(binding)
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Ret<ffi::Buffer<ffi::S32>>()
       .template Attr<int32_t>("pooled_h")
       .template Attr<int32_t>("pooled_w")
       .template Attr<double>("spatial_scale")
@@ -91,14 +131,26 @@ auto bind_forward(Binding binding) {
       .template Attr<int32_t>("bins");
 }
 
-// gather: (source, argmax) -> out; scatter: (cotangent, argmax) -> grad.
+// forward: (features, rois) -> (out, argmax); argmax may be empty (shape [0]).
+template <typename Binding>
+auto bind_forward(Binding binding) {
+  return bind_pool_attrs(std::move(binding)
+                             .template Arg<ffi::AnyBuffer>()
+                             .template Arg<ffi::AnyBuffer>()
+                             .template Ret<ffi::AnyBuffer>()
+                             .template Ret<ffi::Buffer<ffi::S32>>());
+}
+
+// gather: (source, features, rois) -> source at each bin's argmax cell,
+// output-shaped; scatter: (cotangent, features, rois) -> the cotangent
+// added at each bin's argmax cell, features-shaped.
 template <typename Binding>
 auto bind_argmax_op(Binding binding) {
-  return std::move(binding)
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::Buffer<ffi::S32>>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Attr<int32_t>("layout");
+  return bind_pool_attrs(std::move(binding)
+                             .template Arg<ffi::AnyBuffer>()
+                             .template Arg<ffi::AnyBuffer>()
+                             .template Arg<ffi::AnyBuffer>()
+                             .template Ret<ffi::AnyBuffer>());
 }
 
 }  // namespace roipool

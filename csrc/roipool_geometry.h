@@ -67,10 +67,32 @@ ROIPOOL_HD bool is_finite(C v) {
   return v - v == C(0);
 }
 
-// Gather and scatter treat an argmax outside [0, cells) like -1 (no cell):
-// they never touch memory outside the features, whatever the index holds.
-ROIPOOL_HD bool argmax_in_range(int32_t cell, int64_t cells) {
-  return cell >= 0 && cell < cells;
+// True when `candidate` replaces the running maximum `best`: strictly
+// greater (ties keep the first cell in row-major order), or the first NaN
+// (NaN propagates, as jnp.max does).
+// Written as "not <=" (true for v > best and for a NaN v) and "best is not
+// NaN": two compares, which vectorise better than the three of the obvious form.
+template <typename A>
+ROIPOOL_HD bool replaces_max(A candidate, A best) {
+  return !(candidate <= best) && best == best;
+}
+
+// Offset of (cell, channel c) in a feature-shaped buffer, where cell is the
+// flat (n * H + h) * W + w index of an argmax and plane = H * W.
+ROIPOOL_HD int64_t cell_offset(int64_t cell, int64_t c, int64_t channels,
+                               int64_t plane, int32_t layout) {
+  if (layout == kNHWC) return cell * channels + c;
+  const int64_t n = cell / plane;
+  return (n * channels + c) * plane + (cell - n * plane);
+}
+
+// Offset of (RoI r, bin k = ph * PW + pw, channel c) in an output-shaped
+// buffer, [R, PH, PW, C] or [R, C, PH, PW]; bin_plane = PH * PW.
+ROIPOOL_HD int64_t pooled_offset(int64_t r, int64_t k, int64_t c,
+                                 int64_t channels, int64_t bin_plane,
+                                 int32_t layout) {
+  return layout == kNHWC ? (r * bin_plane + k) * channels + c
+                         : (r * channels + c) * bin_plane + k;
 }
 
 // Scaled corner -> integer cell coordinate, rounding half away from zero

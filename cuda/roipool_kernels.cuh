@@ -1,5 +1,6 @@
-// Device side of the roi_pool CUDA kernels: element traits and the three
-// kernels (forward with argmax, gather at argmax, scatter-add at argmax).
+// Device side of the roi_pool CUDA kernels: element traits and one kernel
+// for the three ops (forward with argmax, gather at the argmax, scatter-add
+// at the argmax), which differ only in what they do with a bin's maximum.
 // Included by roipool_cuda.cu only; kept apart from the FFI host code.
 #pragma once
 
@@ -48,32 +49,6 @@ struct Value<__nv_bfloat16> {
   }
 };
 
-// True when `v` replaces the running maximum `m`: strictly greater (ties keep
-// the first cell in row-major order) or the first NaN (NaN propagates).
-template <typename A>
-__device__ __forceinline__ bool replaces_max(A v, A m) {
-  return v > m || (v != v && m == m);
-}
-
-// Offset of (cell, channel) in a feature-shaped buffer, where cell is the
-// flat (n * H + h) * W + w index stored in argmax.
-template <int32_t kLayout>
-__device__ __forceinline__ int64_t cell_offset(int64_t cell, int64_t c,
-                                               int64_t channels,
-                                               int64_t plane) {
-  if (kLayout == kNHWC) return cell * channels + c;
-  const int64_t n = cell / plane;
-  return (n * channels + c) * plane + (cell - n * plane);
-}
-
-// Channel of output element `o` (output-shaped: [R, PH, PW, C] or
-// [R, C, PH, PW]); bin_plane = PH * PW.
-template <int32_t kLayout>
-__device__ __forceinline__ int64_t channel_of(int64_t o, int64_t channels,
-                                              int64_t bin_plane) {
-  return kLayout == kNHWC ? o % channels : (o / bin_plane) % channels;
-}
-
 __device__ __forceinline__ int64_t first_index() {
   return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -82,9 +57,11 @@ __device__ __forceinline__ int64_t grid_stride() {
 }
 
 // ---------------------------------------------------------------------------
-// Kernels.
+// Kernel.
 
-struct ForwardDims {
+enum Op : int32_t { kForwardOp, kGatherOp, kScatterOp };
+
+struct PoolDims {
   int64_t total;     // output elements
   int64_t n;         // images
   int32_t h, w;      // feature map extent
@@ -93,106 +70,97 @@ struct ForwardDims {
   int32_t bins;      // roipool::Bins
 };
 
+// The maximum of the bin behind output element o: `cell` is its flat
+// (n * H + h) * W + w index, or -1 for an empty bin or an invalid RoI.
+template <typename T>
+struct BinMax {
+  T value;
+  int64_t cell;
+  int64_t channel;
+};
+
 // In NHWC the channel is the fastest-varying index, so a warp reads
 // consecutive channels of the same cell (coalesced).
 template <typename T, typename C, int32_t kLayout>
-__global__ void __launch_bounds__(kBlockSize)
-    forward_kernel(const T* __restrict__ features, const C* __restrict__ rois,
-                   T* __restrict__ out, int32_t* __restrict__ argmax,
-                   ForwardDims d, C scale) {
+__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ features,
+                                             const C* __restrict__ rois,
+                                             const PoolDims& d, C scale,
+                                             int64_t o) {
   using Acc = typename Value<T>::Acc;
+  int64_t r, c, rest;
+  int32_t ph, pw;
+  if (kLayout == kNHWC) {
+    c = o % d.channels;
+    rest = o / d.channels;
+    pw = int32_t(rest % d.pw);
+    rest /= d.pw;
+    ph = int32_t(rest % d.ph);
+    r = rest / d.ph;
+  } else {
+    pw = int32_t(o % d.pw);
+    rest = o / d.pw;
+    ph = int32_t(rest % d.ph);
+    rest /= d.ph;
+    c = rest % d.channels;
+    r = rest / d.channels;
+  }
+  const RoiGrid<C> g =
+      make_roi_grid<C>(rois + 5 * r, scale, d.n, d.ph, d.pw, d.bins);
+  const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
+  const Span sx = bin_span(g.x, pw, d.pw, d.w, d.bins);
+  // g.batch < n also rejects every batch index when n == 0.
+  if (!g.valid || g.batch >= d.n || sy.empty() || sx.empty())
+    return BinMax<T>{Value<T>::zero(), -1, c};
+  // Element (h, w) of the RoI's image and channel c is image[hw * step].
   const int64_t plane = int64_t(d.h) * d.w;
-  for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
-    int64_t r, c, rest;
-    int32_t ph, pw;
-    if (kLayout == kNHWC) {
-      c = o % d.channels;
-      rest = o / d.channels;
-      pw = int32_t(rest % d.pw);
-      rest /= d.pw;
-      ph = int32_t(rest % d.ph);
-      r = rest / d.ph;
-    } else {
-      pw = int32_t(o % d.pw);
-      rest = o / d.pw;
-      ph = int32_t(rest % d.ph);
-      rest /= d.ph;
-      c = rest % d.channels;
-      r = rest / d.channels;
-    }
-    const RoiGrid<C> g =
-        make_roi_grid<C>(rois + 5 * r, scale, d.n, d.ph, d.pw, d.bins);
-    const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
-    const Span sx = bin_span(g.x, pw, d.pw, d.w, d.bins);
-    // g.batch < n also rejects every batch index when n == 0.
-    if (!g.valid || g.batch >= d.n || sy.empty() || sx.empty()) {
-      out[o] = Value<T>::zero();
-      if (argmax) argmax[o] = -1;
-      continue;
-    }
-    // Element (h, w) of the RoI's image and channel c is image[hw * step].
-    const int64_t step = kLayout == kNHWC ? d.channels : 1;
-    const T* image = kLayout == kNHWC
-                         ? features + g.batch * plane * d.channels + c
-                         : features + (g.batch * d.channels + c) * plane;
-    int64_t best_hw = int64_t(sy.begin) * d.w + sx.begin;
-    T best_raw = image[best_hw * step];
-    Acc best = Value<T>::load(best_raw);
-    for (int32_t h = sy.begin; h < sy.end; ++h) {
-      const int64_t row = int64_t(h) * d.w;
-      const T* px = image + (row + sx.begin) * step;
-      for (int32_t w = sx.begin; w < sx.end; ++w, px += step) {
-        const T raw = *px;
-        const Acc v = Value<T>::load(raw);
-        if (replaces_max(v, best)) {
-          best = v;
-          best_raw = raw;
-          best_hw = row + w;
-        }
+  const int64_t step = kLayout == kNHWC ? d.channels : 1;
+  const T* image = kLayout == kNHWC
+                       ? features + g.batch * plane * d.channels + c
+                       : features + (g.batch * d.channels + c) * plane;
+  int64_t best_hw = int64_t(sy.begin) * d.w + sx.begin;
+  T best_raw = image[best_hw * step];
+  Acc best = Value<T>::load(best_raw);
+  for (int32_t h = sy.begin; h < sy.end; ++h) {
+    const int64_t row = int64_t(h) * d.w;
+    const T* px = image + (row + sx.begin) * step;
+    for (int32_t w = sx.begin; w < sx.end; ++w, px += step) {
+      const T raw = *px;
+      const Acc v = Value<T>::load(raw);
+      if (replaces_max(v, best)) {
+        best = v;
+        best_raw = raw;
+        best_hw = row + w;
       }
     }
-    out[o] = best_raw;
-    if (argmax) argmax[o] = int32_t(g.batch * plane + best_hw);
   }
+  return BinMax<T>{best_raw, g.batch * plane + best_hw, c};
 }
 
-struct IndexDims {
-  int64_t total;      // output-shaped elements
-  int64_t channels;   // C
-  int64_t bin_plane;  // PH * PW
-  int64_t plane;      // H * W
-  int64_t cells;      // N * H * W: valid argmax values are [0, cells)
-};
-
-template <typename T, int32_t kLayout>
+// One thread per output element o (grid-stride):
+// - kForwardOp: out[o] = the max, argmax[o] = its cell (argmax may be null);
+// - kGatherOp: out[o] = in[cell, c] (in: feature-shaped, the tangent);
+// - kScatterOp: out[cell, c] += in[o] (in: output-shaped, the cotangent; out
+//   zeroed before). Native atomicAdd for all four types (__half on sm_70+,
+//   __nv_bfloat16 on sm_80+), so a cell's sum is in no fixed order.
+// The argmax of gather and scatter is the forward's, recomputed.
+template <int32_t kOp, typename T, typename C, int32_t kLayout>
 __global__ void __launch_bounds__(kBlockSize)
-    gather_kernel(const T* __restrict__ source,
-                  const int32_t* __restrict__ argmax, T* __restrict__ out,
-                  IndexDims d) {
+    pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
+                const T* __restrict__ in, T* __restrict__ out,
+                int32_t* __restrict__ argmax, PoolDims d, C scale) {
+  const int64_t plane = int64_t(d.h) * d.w;
   for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
-    const int32_t cell = argmax[o];
-    T v = Value<T>::zero();
-    if (argmax_in_range(cell, d.cells)) {
-      const int64_t c = channel_of<kLayout>(o, d.channels, d.bin_plane);
-      v = source[cell_offset<kLayout>(cell, c, d.channels, d.plane)];
+    const BinMax<T> m = bin_max<T, C, kLayout>(features, rois, d, scale, o);
+    const int64_t at =
+        m.cell < 0 ? 0 : cell_offset(m.cell, m.channel, d.channels, plane, kLayout);
+    if (kOp == kForwardOp) {
+      out[o] = m.value;
+      if (argmax) argmax[o] = int32_t(m.cell);
+    } else if (kOp == kGatherOp) {
+      out[o] = m.cell < 0 ? Value<T>::zero() : in[at];
+    } else if (m.cell >= 0) {
+      atomicAdd(out + at, in[o]);
     }
-    out[o] = v;
-  }
-}
-
-// grad must be zeroed before; native atomicAdd for all four types (__half on
-// sm_70+, __nv_bfloat16 on sm_80+).
-template <typename T, int32_t kLayout>
-__global__ void __launch_bounds__(kBlockSize)
-    scatter_kernel(const T* __restrict__ cotangent,
-                   const int32_t* __restrict__ argmax, T* __restrict__ grad,
-                   IndexDims d) {
-  for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
-    const int32_t cell = argmax[o];
-    if (!argmax_in_range(cell, d.cells)) continue;
-    const int64_t c = channel_of<kLayout>(o, d.channels, d.bin_plane);
-    atomicAdd(grad + cell_offset<kLayout>(cell, c, d.channels, d.plane),
-              cotangent[o]);
   }
 }
 

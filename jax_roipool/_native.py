@@ -38,22 +38,25 @@ def _load(module_name: str):
     return module
 
 
-def _forward_lowering(ctx, features, rois, *, pooled, spatial_scale, layout, bins, with_argmax):
+def _pool_attrs(pooled, spatial_scale, layout, bins):
+    return dict(pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
+                spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
+                bins=np.int32(BIN_CODES[bins]))
+
+
+def _forward_lowering(ctx, features, rois, *, with_argmax, **config):
     # with_argmax is conveyed by the argmax result's shape (empty when False).
-    return jax.ffi.ffi_lowering("roipool_forward")(
-        ctx, features, rois, pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
-        spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
-        bins=np.int32(BIN_CODES[bins]))
+    return jax.ffi.ffi_lowering("roipool_forward")(ctx, features, rois, **_pool_attrs(**config))
 
 
-def _gather_lowering(ctx, source, argmax, *, layout):
-    return jax.ffi.ffi_lowering("roipool_gather")(
-        ctx, source, argmax, layout=np.int32(LAYOUT_CODES[layout]))
+def _argmax_op_lowering(target: str):
+    """Lowering of gather (source, features, rois) or scatter (cotangent,
+    features, rois): the kernels recompute the argmax from features and rois."""
 
+    def lowering(ctx, value, features, rois, **config):
+        return jax.ffi.ffi_lowering(target)(ctx, value, features, rois, **_pool_attrs(**config))
 
-def _scatter_lowering(ctx, cotangent, argmax, *, layout, features_shape):
-    return jax.ffi.ffi_lowering("roipool_scatter")(
-        ctx, cotangent, argmax, layout=np.int32(LAYOUT_CODES[layout]))
+    return lowering
 
 
 def _register(module, xla_platform: str, lowering_platform: str) -> None:
@@ -63,14 +66,18 @@ def _register(module, xla_platform: str, lowering_platform: str) -> None:
         jax.ffi.register_ffi_target(name, capsule, platform=xla_platform)
     # The flat primitives; the per-image ones are lowered through them.
     mlir.register_lowering(_primitives.roi_pool_p, _forward_lowering, platform=lowering_platform)
-    mlir.register_lowering(_primitives.gather_p, _gather_lowering, platform=lowering_platform)
-    mlir.register_lowering(_primitives.scatter_p, _scatter_lowering, platform=lowering_platform)
+    mlir.register_lowering(_primitives.gather_p, _argmax_op_lowering("roipool_gather"),
+                           platform=lowering_platform)
+    mlir.register_lowering(_primitives.scatter_p, _argmax_op_lowering("roipool_scatter"),
+                           platform=lowering_platform)
 
 
 def _cuda_module():
     try:
         return _load("_cuda")
-    except ModuleNotFoundError:  # built without nvcc
+    except ModuleNotFoundError as err:  # built without nvcc
+        if err.name != "jax_roipool._cuda":
+            raise
         return None
 
 

@@ -3,21 +3,28 @@
 Two families of three primitives each:
 - ``roi_pool`` / ``roi_pool_per_image``: (features, rois) -> (output, argmax).
   Not linear; the JVP is the family's gather applied to the features' tangent.
-- ``roi_pool_gather`` / ``roi_pool_per_image_gather``: (source, argmax) ->
-  source at argmax. Linear in source.
-- ``roi_pool_scatter`` / ``roi_pool_per_image_scatter``: (cotangent, argmax)
-  -> scatter-add at argmax. Linear in cotangent; gather and scatter are each
-  other's transpose.
+- ``roi_pool_gather`` / ``roi_pool_per_image_gather``: (source, features,
+  rois) -> source at the argmax cell of every output element. Linear in
+  source.
+- ``roi_pool_scatter`` / ``roi_pool_per_image_scatter``: (cotangent,
+  features, rois) -> the cotangent added at the argmax cells. Linear in
+  cotangent; gather and scatter are each other's transpose.
 Together these give grad, jvp, jacfwd/jacrev, hessian and higher orders.
+
+Gather and scatter take the forward's operands instead of its argmax and
+recompute the argmax inside the kernel: a stored argmax would be as large as
+the output, written by the forward and read back by the backward, which
+would double the memory traffic of a training step. Their derivative with
+respect to features and rois is zero (the argmax is piecewise constant).
 
 The flat family takes rois ``[R, 5]`` and its argmax holds flat cell indices
 ``(n * H + h) * W + w``; it is what the kernels implement. The per-image
-family takes boxes ``[N, K, 4]``, its argmax ``[N, K, ...]`` holds
+family takes boxes ``[N, K, 4]``, and its argmax ``[N, K, ...]`` holds
 image-local cell indices ``h * W + w``, so that any block of images is a
 self-contained problem. Its lowering runs the flat family on rois with batch
-column 0..N-1 (converting the argmax with elementwise ops), inside
-custom_partitioning where the module is compiled for several devices
-(``_sharding``): sharded along the images, each device pools its own.
+column 0..N-1, inside custom_partitioning where the module is compiled for
+several devices (``_sharding``): sharded along the images, each device pools
+its own.
 
 Native flat lowerings are registered in ``_native``; the pure-JAX ones from
 ``reference`` are the default for any other platform.
@@ -101,18 +108,22 @@ def _result_aval(shape, dtype, operands, spec=None):
                        sharding=sharding)
 
 
-def _result_specs(family, op, layout, operands, with_argmax=True):
+def _result_specs(family, op, layout, operands):
     if not family.per_image:
         return (None, None)
-    sig = _sharding.signature(op, layout, with_argmax)
+    sig = _sharding.signature(op, layout)
     return _sharding.result_specs(sig, [getattr(a, "sharding", None) for a in operands])
+
+
+def _pooled_shape(features, rois, pooled, layout):
+    """[R, 5] rois give [R, ...]; per-image [N, K, 4] boxes give [N, K, ...]."""
+    c = _checks.feature_dims(features.shape, layout)[3]
+    return tuple(rois.shape[:-1]) + _checks.pooled_shape(0, pooled, c, layout)[1:]
 
 
 def _roi_pool_abstract(family, features, rois, *, pooled, spatial_scale, layout, bins,
                        with_argmax):
-    c = _checks.feature_dims(features.shape, layout)[3]
-    # [R, 5] rois give [R, ...]; per-image [N, K, 4] boxes give [N, K, ...].
-    shape = tuple(rois.shape[:-1]) + _checks.pooled_shape(0, pooled, c, layout)[1:]
+    shape = _pooled_shape(features, rois, pooled, layout)
     operands = (features, rois)
     specs = _result_specs(family, "forward", layout, operands)
     out = _result_aval(shape, features.dtype, operands, specs[0])
@@ -121,14 +132,17 @@ def _roi_pool_abstract(family, features, rois, *, pooled, spatial_scale, layout,
     return out, _result_aval(shape, np.int32, operands, specs[1])
 
 
-def _gather_abstract(family, source, argmax, *, layout):
-    spec = _result_specs(family, "gather", layout, (source, argmax))[0]
-    return _result_aval(argmax.shape, source.dtype, (source, argmax), spec)
+def _gather_abstract(family, source, features, rois, *, pooled, layout, **_):
+    operands = (source, features, rois)
+    spec = _result_specs(family, "gather", layout, operands)[0]
+    return _result_aval(_pooled_shape(features, rois, pooled, layout), source.dtype, operands,
+                        spec)
 
 
-def _scatter_abstract(family, cotangent, argmax, *, layout, features_shape):
-    spec = _result_specs(family, "scatter", layout, (cotangent, argmax))[0]
-    return _result_aval(features_shape, cotangent.dtype, (cotangent, argmax), spec)
+def _scatter_abstract(family, cotangent, features, rois, *, layout, **_):
+    operands = (cotangent, features, rois)
+    spec = _result_specs(family, "scatter", layout, operands)[0]
+    return _result_aval(features.shape, cotangent.dtype, operands, spec)
 
 
 # ---------------------------------------------------------------------------
@@ -138,28 +152,27 @@ def _zero_like(x):
     return ad.Zero(jax.typeof(x).to_tangent_aval())
 
 
-def _roi_pool_jvp(family, primals, tangents, **params):
+def _roi_pool_jvp(family, primals, tangents, *, with_argmax, **config):
     features, rois = primals
     features_dot, _ = tangents  # rois only choose cells: zero derivative
+    out, argmax = family.forward.bind(features, rois, with_argmax=with_argmax, **config)
     if type(features_dot) is ad.Zero:
-        out, argmax = family.forward.bind(features, rois, **params)
-        return (out, argmax), (_zero_like(out), _zero_like(argmax))
-    out, argmax = family.forward.bind(features, rois, **{**params, "with_argmax": True})
-    out_dot = family.gather.bind(features_dot, argmax, layout=params["layout"])
-    if not params["with_argmax"]:
-        argmax = jnp.zeros((0,), np.int32)
+        out_dot = _zero_like(out)
+    else:
+        out_dot = family.gather.bind(features_dot, features, rois, **config)
     return (out, argmax), (out_dot, _zero_like(argmax))
 
 
 def _linear_jvp(primitive):
-    """JVP of a primitive linear in its first operand (the second is an index)."""
+    """JVP of gather or scatter: linear in the first operand; features and
+    rois only choose the cells (zero derivative)."""
 
-    def jvp(primals, tangents, **params):
-        value, argmax = primals
-        out = primitive.bind(value, argmax, **params)
+    def jvp(primals, tangents, **config):
+        value, features, rois = primals
+        out = primitive.bind(value, features, rois, **config)
         if type(tangents[0]) is ad.Zero:
             return out, _zero_like(out)
-        return out, primitive.bind(tangents[0], argmax, **params)
+        return out, primitive.bind(tangents[0], features, rois, **config)
 
     return jvp
 
@@ -182,20 +195,18 @@ def _typed_like(x, aval):
     return jax.sharding.reshard(x, want)
 
 
-def _gather_transpose(family, cotangent, source, argmax, *, layout):
-    assert ad.is_undefined_primal(source) and not ad.is_undefined_primal(argmax)
-    if type(cotangent) is ad.Zero:
-        return [ad.Zero(source.aval), None]
-    out = family.scatter.bind(cotangent, argmax, layout=layout,
-                              features_shape=tuple(source.aval.shape))
-    return [_typed_like(out, source.aval), None]
+def _transpose_to(other):
+    """Transpose rule of gather (``other`` = scatter) or scatter (``other`` = gather)."""
 
+    def transpose(cotangent, value, features, rois, **config):
+        assert ad.is_undefined_primal(value)
+        assert not (ad.is_undefined_primal(features) or ad.is_undefined_primal(rois))
+        if type(cotangent) is ad.Zero:
+            return [ad.Zero(value.aval), None, None]
+        out = other.bind(cotangent, features, rois, **config)
+        return [_typed_like(out, value.aval), None, None]
 
-def _scatter_transpose(family, cotangent, value, argmax, *, layout, features_shape):
-    assert ad.is_undefined_primal(value) and not ad.is_undefined_primal(argmax)
-    if type(cotangent) is ad.Zero:
-        return [ad.Zero(value.aval), None]
-    return [_typed_like(family.gather.bind(cotangent, argmax, layout=layout), value.aval), None]
+    return transpose
 
 
 # ---------------------------------------------------------------------------
@@ -209,12 +220,14 @@ def _to_front(x, dim, size):
     return jnp.moveaxis(x, dim, 0)
 
 
-def _fold(x):
-    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+def _merge(x, axis):
+    """Merges axes ``axis`` and ``axis + 1``."""
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _unfold(x, size):
-    return x.reshape((size, x.shape[0] // size) + x.shape[1:])
+def _split(x, axis, major, minor):
+    """Splits axis ``axis`` (of size major * minor) into (major, minor)."""
+    return x.reshape(x.shape[:axis] + (major, minor) + x.shape[axis + 1:])
 
 
 def _batch_size(args, dims):
@@ -226,80 +239,65 @@ def _check_image_index(rois, images):
         raise ValueError("roi_pool: vmap over more than 2**24 images needs float64 rois")
 
 
-def _check_cells(features_shape, layout):
-    if np.prod(_checks.feature_dims(features_shape, layout)[:3]) > _checks.MAX_CELLS:
-        raise ValueError("roi_pool: vmapped features exceed the int32 argmax range")
-
-
-def _roi_pool_batch(args, dims, *, pooled, spatial_scale, layout, bins, with_argmax):
-    features, rois = args
-    features_dim, rois_dim = dims
-    size = _batch_size(args, dims)
+def _fold_flat(images, image_dims, rois, rois_dim, size, layout, *, fold_images):
+    """Folds the mapped axis of [R, 5] rois into R. With ``fold_images``, also
+    folds it into N of the feature-shaped operands ``images`` (broadcasting
+    unmapped ones) and re-indexes every RoI into its own copy of the images;
+    otherwise the images are shared by all batch elements."""
     rois = _to_front(rois, rois_dim, size)
-    if features_dim is not None:
-        features = _to_front(features, features_dim, size)
-        copy_shape = features.shape[1:]
-        n = copy_shape[0]  # images per batch element (N leads in both layouts)
-        features = _fold(features)
-        _checks.check_features(features, layout)  # the folded N*H*W must still fit int32
-        _check_image_index(rois, size * n)
-        # Re-index each RoI into its own copy of the images; invalid indices
-        # stay invalid (they must not land in a neighbouring copy).
-        b = rois[..., 0]
-        offset = (jnp.arange(size, dtype=rois.dtype) * n)[:, None]
-        b = jnp.where((b > -1) & (b < n), jnp.trunc(b) + offset, -1)
-        rois = rois.at[..., 0].set(b)
-    out, argmax = roi_pool_p.bind(features, _fold(rois), pooled=pooled,
-                                  spatial_scale=spatial_scale, layout=layout, bins=bins,
-                                  with_argmax=with_argmax)
+    if not fold_images:
+        return images, _merge(rois, 0)
+    images = [_to_front(x, d, size) for x, d in zip(images, image_dims)]
+    n = images[0].shape[1]  # images per batch element (N leads in both layouts)
+    images = [_merge(x, 0) for x in images]
+    _checks.check_features(images[0], layout)  # the folded N*H*W must still fit int32
+    _check_image_index(rois, size * n)
+    # Invalid batch indices stay invalid (they must not land in a neighbouring copy).
+    b = rois[..., 0]
+    offset = (jnp.arange(size, dtype=rois.dtype) * n)[:, None]
+    rois = rois.at[..., 0].set(jnp.where((b > -1) & (b < n), jnp.trunc(b) + offset, -1))
+    return images, _merge(rois, 0)
+
+
+def _roi_pool_batch(args, dims, *, with_argmax, **config):
+    features, rois = args
+    size = _batch_size(args, dims)
+    fold = dims[0] is not None
+    (features,), rois = _fold_flat([features], dims[:1], rois, dims[1], size,
+                                   config["layout"], fold_images=fold)
+    out, argmax = roi_pool_p.bind(features, rois, with_argmax=with_argmax, **config)
+    out = _split(out, 0, size, out.shape[0] // size)
     if not with_argmax:
-        return (_unfold(out, size), argmax), (0, None)
-    argmax = _unfold(argmax, size)
-    if features_dim is not None:
+        return (out, argmax), (0, None)
+    argmax = _split(argmax, 0, size, argmax.shape[0] // size)
+    if fold:
         # The kernel indexed the folded images; make each argmax index its own copy.
-        argmax = _offset_argmax(argmax, copy_shape, layout, sign=-1)
-    return (_unfold(out, size), argmax), (0, 0)
+        n, h, w, _ = _checks.feature_dims(features.shape, config["layout"])
+        offset = jnp.arange(size, dtype=np.int32) * (n // size * h * w)
+        offset = offset.reshape((-1,) + (1,) * (argmax.ndim - 1))
+        argmax = jnp.where(argmax >= 0, argmax - offset, -1)
+    return (out, argmax), (0, 0)
 
 
-def _offset_argmax(argmax, features_shape, layout, sign=1):
-    """[B, ...] argmax into B stacked copies of features of ``features_shape``:
-    add b * N*H*W (``sign=-1``: subtract it, back to per-copy indices)."""
-    n, h, w, _ = _checks.feature_dims(features_shape, layout)
-    offset = jnp.arange(argmax.shape[0], dtype=np.int32) * (sign * n * h * w)
-    offset = offset.reshape((-1,) + (1,) * (argmax.ndim - 1))
-    # Entries that name no cell of their copy stay "no cell" (-1) rather than
-    # landing in a neighbouring copy; the kernel's own output is always in range.
-    names_cell = argmax >= 0 if sign < 0 else reference.in_range(argmax, features_shape, layout)
-    return jnp.where(names_cell, argmax + offset, -1)
-
-
-def _folded_shape(features_shape, size):
-    return (size * features_shape[0],) + tuple(features_shape[1:])
-
-
-def _gather_batch(args, dims, *, layout):
-    source, argmax = args
-    source_dim, argmax_dim = dims
+def _gather_batch(args, dims, **config):
+    source, features, rois = args
     size = _batch_size(args, dims)
-    argmax = _to_front(argmax, argmax_dim, size)
-    if source_dim is not None:
-        source = _to_front(source, source_dim, size)
-        argmax = _offset_argmax(argmax, source.shape[1:], layout)
-        source = _fold(source)
-        _checks.check_features(source, layout)
-    out = gather_p.bind(source, _fold(argmax), layout=layout)
-    return _unfold(out, size), 0
+    fold = dims[0] is not None or dims[1] is not None
+    (source, features), rois = _fold_flat([source, features], dims[:2], rois, dims[2], size,
+                                          config["layout"], fold_images=fold)
+    out = gather_p.bind(source, features, rois, **config)
+    return _split(out, 0, size, out.shape[0] // size), 0
 
 
-def _scatter_batch(args, dims, *, layout, features_shape):
-    cotangent, argmax = args
+def _scatter_batch(args, dims, **config):
+    cotangent, features, rois = args
     size = _batch_size(args, dims)
-    cotangent, argmax = (_to_front(x, d, size) for x, d in zip(args, dims))
-    argmax = _offset_argmax(argmax, features_shape, layout)
-    folded = _folded_shape(features_shape, size)
-    _check_cells(folded, layout)
-    out = scatter_p.bind(_fold(cotangent), _fold(argmax), layout=layout, features_shape=folded)
-    return _unfold(out, size), 0
+    # Every batch element has its own gradient, so the images are always folded.
+    (features,), rois = _fold_flat([features], dims[1:2], rois, dims[2], size,
+                                   config["layout"], fold_images=True)
+    cotangent = _merge(_to_front(cotangent, dims[0], size), 0)
+    out = scatter_p.bind(cotangent, features, rois, **config)
+    return _split(out, 0, size, out.shape[0] // size), 0
 
 
 # ---------------------------------------------------------------------------
@@ -316,100 +314,77 @@ def _to_second(x, dim, size):
     return jnp.moveaxis(x, dim, 1)
 
 
-def _merge(x, axis):
-    """Merges axes ``axis`` and ``axis + 1``."""
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
-
-
-def _split(x, axis, major, minor):
-    """Splits axis ``axis`` (of size major * minor) into (major, minor)."""
-    return x.reshape(x.shape[:axis] + (major, minor) + x.shape[axis + 1:])
-
-
-def _per_image_batch(args, dims, **params):
-    features, boxes = args
-    features_dim, boxes_dim = dims
-    size = _batch_size(args, dims)
+def _fold_per_image(images, image_dims, boxes, boxes_dim, size, layout, *, fold_images):
+    """(images, boxes, axis, lead): the per-image counterpart of ``_fold_flat``.
+    The batch axis went into N (``fold_images``) or K (shared images); a
+    result splits back along ``axis`` into ``lead``."""
     boxes = _to_second(boxes, boxes_dim, size)  # [N, B, K, 4]
-    if features_dim is None:  # shared images: [N, B * K] boxes
-        lead = boxes.shape[1:3]
-        results = per_image_p.bind(features, _merge(boxes, 1), **params)
-        split = lambda x: _split(x, 1, *lead)  # noqa: E731
-    else:  # [N * B] images
-        features = _to_second(features, features_dim, size)
-        lead = features.shape[:2]
-        features = _merge(features, 0)
-        _checks.check_features(features, params["layout"])  # N*B*H*W must fit int32
-        _check_image_index(boxes, features.shape[0])
-        results = per_image_p.bind(features, _merge(boxes, 0), **params)
-        split = lambda x: _split(x, 0, *lead)  # noqa: E731
-    out, argmax = results
-    if not params["with_argmax"]:
-        return (split(out), argmax), (1, None)
-    return (split(out), split(argmax)), (1, 1)
+    if not fold_images:  # shared images: [N, B * K] boxes
+        return images, _merge(boxes, 1), 1, boxes.shape[1:3]
+    images = [_merge(_to_second(x, d, size), 0) for x, d in zip(images, image_dims)]
+    _checks.check_features(images[0], layout)  # N*B*H*W must fit int32
+    _check_image_index(boxes, images[0].shape[0])
+    return images, _merge(boxes, 0), 0, boxes.shape[:2]
 
 
-def _per_image_gather_batch(args, dims, *, layout):
-    source, argmax = args
-    source_dim, argmax_dim = dims
+def _per_image_batch(args, dims, *, with_argmax, **config):
+    features, boxes = args
     size = _batch_size(args, dims)
-    argmax = _to_second(argmax, argmax_dim, size)  # [N, B, K, ...]
-    if source_dim is None:  # shared images: [N, B * K] entries
-        out = per_image_gather_p.bind(source, _merge(argmax, 1), layout=layout)
-        return _split(out, 1, *argmax.shape[1:3]), 1
-    source = _to_second(source, source_dim, size)
-    lead = source.shape[:2]
-    source = _merge(source, 0)
-    _checks.check_features(source, layout)
-    out = per_image_gather_p.bind(source, _merge(argmax, 0), layout=layout)
-    return _split(out, 0, *lead), 1
+    (features,), boxes, axis, lead = _fold_per_image(
+        [features], dims[:1], boxes, dims[1], size, config["layout"],
+        fold_images=dims[0] is not None)
+    out, argmax = per_image_p.bind(features, boxes, with_argmax=with_argmax, **config)
+    if not with_argmax:
+        return (_split(out, axis, *lead), argmax), (1, None)
+    return (_split(out, axis, *lead), _split(argmax, axis, *lead)), (1, 1)
 
 
-def _per_image_scatter_batch(args, dims, *, layout, features_shape):
+def _per_image_gather_batch(args, dims, **config):
+    source, features, boxes = args
     size = _batch_size(args, dims)
-    cotangent, argmax = (_merge(_to_second(x, d, size), 0) for x, d in zip(args, dims))
-    folded = (features_shape[0] * size,) + tuple(features_shape[1:])
-    _check_cells(folded, layout)
-    out = per_image_scatter_p.bind(cotangent, argmax, layout=layout, features_shape=folded)
-    return _split(out, 0, features_shape[0], size), 1
+    (source, features), boxes, axis, lead = _fold_per_image(
+        [source, features], dims[:2], boxes, dims[2], size, config["layout"],
+        fold_images=dims[0] is not None or dims[1] is not None)
+    out = per_image_gather_p.bind(source, features, boxes, **config)
+    return _split(out, axis, *lead), 1
+
+
+def _per_image_scatter_batch(args, dims, **config):
+    cotangent, features, boxes = args
+    size = _batch_size(args, dims)
+    # Every batch element has its own gradient, so the images are always folded.
+    (features,), boxes, axis, lead = _fold_per_image(
+        [features], dims[1:2], boxes, dims[2], size, config["layout"], fold_images=True)
+    cotangent = _merge(_to_second(cotangent, dims[0], size), 0)
+    out = per_image_scatter_p.bind(cotangent, features, boxes, **config)
+    return _split(out, axis, *lead), 1
 
 
 # ---------------------------------------------------------------------------
 # Lowering of the per-image family, for every platform: the flat family (so
 # whichever flat lowering the platform has) on rois with batch column
-# 0..N-1, converting the argmax between image-local and flat indices with
-# elementwise ops. The bodies see whatever block of the images they are
-# given: under SPMD each device runs them on its own (``_sharding``).
+# 0..N-1. The bodies see whatever block of the images they are given: under
+# SPMD each device runs them on its own (``_sharding``).
 
-def _flatten_boxes(x):
-    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def _per_image_forward(features, boxes, *, pooled, spatial_scale, layout, bins, with_argmax):
+def _per_image_forward(features, boxes, *, with_argmax, **config):
     """(out[, argmax]) for per-image boxes, argmax image-local."""
-    out, argmax = roi_pool_p.bind(features, reference.per_image_rois(boxes), pooled=pooled,
-                                  spatial_scale=spatial_scale, layout=layout, bins=bins,
-                                  with_argmax=with_argmax)
+    out, argmax = roi_pool_p.bind(features, reference.per_image_rois(boxes),
+                                  with_argmax=with_argmax, **config)
     out = out.reshape(boxes.shape[:2] + out.shape[1:])
     if not with_argmax:
         return (out,)
-    return out, reference.global_to_local(argmax.reshape(out.shape), features.shape, layout)
+    return out, reference.global_to_local(argmax.reshape(out.shape), features.shape,
+                                          config["layout"])
 
 
-def _per_image_gather(source, argmax, *, layout):
-    flat = reference.local_to_global(argmax, source.shape, layout)
-    return (gather_p.bind(source, _flatten_boxes(flat), layout=layout).reshape(argmax.shape),)
+def _per_image_gather(source, features, boxes, **config):
+    out = gather_p.bind(source, features, reference.per_image_rois(boxes), **config)
+    return (out.reshape(boxes.shape[:2] + out.shape[1:]),)
 
 
-def _per_image_scatter(cotangent, argmax, *, layout, features_shape):
-    # features_shape is the whole one; a block of images (and channels)
-    # scatters into its own block: N and C come from the cotangent.
-    _, h, w, _ = _checks.feature_dims(features_shape, layout)
-    n, c = cotangent.shape[0], cotangent.shape[-1 if layout == "NHWC" else 2]
-    block_shape = (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
-    flat = reference.local_to_global(argmax, block_shape, layout)
-    return (scatter_p.bind(_flatten_boxes(cotangent), _flatten_boxes(flat), layout=layout,
-                           features_shape=block_shape),)
+def _per_image_scatter(cotangent, features, boxes, **config):
+    return (scatter_p.bind(_merge(cotangent, 0), features, reference.per_image_rois(boxes),
+                           **config),)
 
 
 def _plain_aval(aval):
@@ -454,8 +429,8 @@ for _family in (FLAT, PER_IMAGE):
     ad.primitive_jvps[_family.forward] = functools.partial(_roi_pool_jvp, _family)
     ad.primitive_jvps[_family.gather] = _linear_jvp(_family.gather)
     ad.primitive_jvps[_family.scatter] = _linear_jvp(_family.scatter)
-    ad.primitive_transposes[_family.gather] = functools.partial(_gather_transpose, _family)
-    ad.primitive_transposes[_family.scatter] = functools.partial(_scatter_transpose, _family)
+    ad.primitive_transposes[_family.gather] = _transpose_to(_family.scatter)
+    ad.primitive_transposes[_family.scatter] = _transpose_to(_family.gather)
 
 batching.primitive_batchers[roi_pool_p] = _roi_pool_batch
 batching.primitive_batchers[gather_p] = _gather_batch

@@ -62,18 +62,20 @@ class Signature(NamedTuple):
 
 def signature(op: str, layout: str, with_argmax: bool = True) -> Signature:
     """op: "forward" (features, boxes) -> (out[, argmax]); "gather" (source,
-    argmax) -> values; "scatter" (cotangent, argmax) -> features-shaped sum."""
+    features, boxes) -> values; "scatter" (cotangent, features, boxes) ->
+    features-shaped sum."""
     features = ("n", "h", "w", "c") if layout == "NHWC" else ("n", "c", "h", "w")
     pooled = ("n", "k", "i", "j", "c") if layout == "NHWC" else ("n", "k", "c", "i", "j")
+    boxes = ("n", "k", "d")
     if op == "forward":
-        return Signature((features, ("n", "k", "d")), (pooled, pooled)[:1 + with_argmax],
+        return Signature((features, boxes), (pooled, pooled)[:1 + with_argmax],
                          frozenset("nkc"))
     if op == "gather":
-        return Signature((features, pooled), (pooled,), frozenset("nkc"))
+        return Signature((features, features, boxes), (pooled,), frozenset("nkc"))
     if op == "scatter":
         # Boxes of one image add into the same cells: sharding k would need a
         # sum across devices, so k is gathered instead (it is small).
-        return Signature((pooled, pooled), (features,), frozenset("nc"))
+        return Signature((pooled, features, boxes), (features,), frozenset("nc"))
     raise ValueError(op)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from . import _checks
@@ -105,37 +104,32 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     return out, argmax if with_argmax else jnp.zeros((0,), jnp.int32)
 
 
-def in_range(argmax, features_shape, layout: str):
-    """Argmax entries naming a cell; like the kernels, anything outside [0, N*H*W) is no cell."""
-    n, h, w, _ = _checks.feature_dims(features_shape, layout)
-    return (argmax >= 0) & (argmax < n * h * w)
-
-
 def _cell_offsets(argmax, features_shape, layout: str):
-    """Flat offsets into a feature-shaped array of (argmax cell, channel); cell 0 where no cell."""
+    """Flat offsets into a feature-shaped array of (argmax cell, channel); cell 0 where -1."""
     _, h, w, c = _checks.feature_dims(features_shape, layout)
-    cell = jnp.where(in_range(argmax, features_shape, layout), argmax, 0)
+    cell = jnp.maximum(argmax, 0)
     if layout == "NHWC":
         return cell * c + lax.broadcasted_iota(jnp.int32, argmax.shape, 3)
     channel = lax.broadcasted_iota(jnp.int32, argmax.shape, 1)
     return ((cell // (h * w)) * c + channel) * (h * w) + cell % (h * w)
 
 
-def gather(source, argmax, *, layout):
-    """source[cell(argmax), channel], 0 where argmax is -1 (the forward's tangent)."""
-    values = source.reshape(-1)[_cell_offsets(argmax, source.shape, layout)]
-    return jnp.where(in_range(argmax, source.shape, layout), values,
-                     jnp.zeros((), source.dtype))
+def gather(source, features, rois, **config):
+    """``source`` (shaped like the features) at the forward's argmax cell of
+    every output element, 0 for an empty bin: the forward's JVP tangent."""
+    argmax = forward(features, rois, **config)[1]
+    values = source.reshape(-1)[_cell_offsets(argmax, source.shape, config["layout"])]
+    return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
 
 
-def scatter(cotangent, argmax, *, layout, features_shape):
-    """Scatter-add of the cotangent at argmax (transpose of gather)."""
+def scatter(cotangent, features, rois, **config):
+    """Scatter-add of the cotangent at the forward's argmax cells (transpose of gather)."""
+    argmax = forward(features, rois, **config)[1]
     acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
-    updates = jnp.where(in_range(argmax, features_shape, layout), cotangent, 0)
-    size = int(np.prod(features_shape))
-    flat = jnp.zeros(size, acc_dtype).at[_cell_offsets(argmax, features_shape, layout)].add(
-        updates.astype(acc_dtype))
-    return flat.reshape(features_shape).astype(cotangent.dtype)
+    updates = jnp.where(argmax >= 0, cotangent, 0).astype(acc_dtype)
+    offsets = _cell_offsets(argmax, features.shape, config["layout"])
+    flat = jnp.zeros(features.size, acc_dtype).at[offsets].add(updates)
+    return flat.reshape(features.shape).astype(cotangent.dtype)
 
 
 # ---------------------------------------------------------------------------

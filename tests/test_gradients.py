@@ -131,6 +131,35 @@ def test_jvp_gathers_tangent_at_argmax(layout):
                                                    layout=layout)[0], "jvp primal")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=dtype_id)
+def test_wide_channels_with_nan_inf_and_ties(dtype, layout):
+    # 37 channels: two 16-lane blocks of the CPU kernels' float32 fast path
+    # plus a tail. NaN (the first one wins), +-inf and ties decide the argmax
+    # that the gather and scatter recompute.
+    with x64_for(dtype):
+        rng, features, rois = problem(5, dtype, layout, kind="ties", c=37, r=40)
+        flat = features.reshape(-1)
+        special = rng.choice(flat.size, 90, replace=False)
+        flat[special[:30]], flat[special[30:60]], flat[special[60:]] = np.nan, np.inf, -np.inf
+        pooled = (3, 4)
+        out, argmax = jrp.roi_pool_with_argmax(features, rois, pooled, 0.5, layout=layout)
+        want_out, want_arg = reference_loop.roi_pool_loop(features, rois, pooled, 0.5,
+                                                          layout=layout)
+        assert_exact(out, want_out, "output")
+        assert_exact(argmax, want_arg, "argmax")
+        assert np.isnan(want_out).any() and np.isinf(want_out).any()
+        cotangent = rng.integers(-3, 4, want_out.shape).astype(dtype)
+        grad = vjp_features(features, rois, cotangent, pooled, 0.5, layout, "fast_rcnn")
+        assert_exact(grad, reference_loop.scatter_grad(cotangent, want_arg, features.shape,
+                                                       layout=layout), "feature gradient")
+        tangent = random_features(rng, features.shape, dtype)
+        _, out_dot = jax.jvp(lambda f: jrp.roi_pool(f, rois, pooled, 0.5, layout=layout),
+                             (features,), (tangent,))
+        picked = np.where(want_arg >= 0, gather_at(tangent, want_arg, layout), 0.0)
+        assert_exact(out_dot, picked, "jvp tangent")
+
+
 def gather_at(values, argmax, layout):
     """values[cell, channel] for each argmax entry (cell index clipped at 0)."""
     v = reference_loop.to_float64(values)

@@ -14,7 +14,7 @@ import jax_roipool as jrp
 import jax_roipool.reference as ref
 import reference_loop
 from conftest import BINS, LAYOUTS, assert_exact, feature_shape, random_features, random_rois
-from jax_roipool._primitives import per_image_gather_p, per_image_scatter_p
+from jax_roipool._primitives import gather_p, per_image_gather_p, per_image_scatter_p, scatter_p
 
 POOLED = (3, 4)
 SCALE = 0.5
@@ -348,22 +348,27 @@ def test_vmap_is_one_kernel_call(f_axis, b_axis):
 
 
 # ---------------------------------------------------------------------------
-# The per-image gather and scatter primitives take image-local argmax and
-# ignore entries naming no cell of their own image.
+# The gather and scatter primitives recompute the forward's argmax from the
+# features: they pick from / add into the cells that the forward picks in
+# `features`, whatever the values they gather or scatter.
 
+@pytest.mark.parametrize("family", ["flat", "per_image"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gather_scatter_image_local(layout):
-    rng = np.random.default_rng(15)
-    source = random_features(rng, feature_shape(N, H, W, C, layout), np.float32)
-    out_shape = (N, K) + feature_shape(1, *POOLED, C, layout)[1:]
-    local = rng.integers(-3, H * W + 3, out_shape).astype(np.int32)  # some out of range
-    in_range = (local >= 0) & (local < H * W)
-    assert in_range.any() and (~in_range).any()
-    image = np.arange(N).reshape((N,) + (1,) * (len(out_shape) - 1))
-    flat = np.where(in_range, local + image * H * W, -1)
-    got = per_image_gather_p.bind(jnp.asarray(source), jnp.asarray(local), layout=layout)
-    assert_exact(got, pick(source, flat, layout), "gather")
-    cot = rng.integers(-2, 3, out_shape).astype(np.float32)
-    got = per_image_scatter_p.bind(jnp.asarray(cot), jnp.asarray(local), layout=layout,
-                         features_shape=source.shape)
-    assert_exact(got, scatter_grad(cot, flat, source.shape, layout), "scatter")
+def test_gather_scatter_at_forward_argmax(layout, family):
+    features, boxes = inputs(15, layout)
+    _, arg = loop(features, boxes, layout)
+    rng = np.random.default_rng(16)
+    source = random_features(rng, features.shape, np.float32)
+    cot = rng.integers(-2, 3, arg.shape).astype(np.float32)
+    config = dict(pooled=POOLED, spatial_scale=SCALE, layout=layout, bins="fast_rcnn")
+    if family == "flat":
+        where, gather, scatter = flat_rois(boxes), gather_p, scatter_p
+        flat_cot = cot.reshape((-1,) + cot.shape[2:])
+    else:
+        where, gather, scatter = boxes, per_image_gather_p, per_image_scatter_p
+        flat_cot = cot
+    where = jnp.asarray(where, jnp.float32)
+    got = gather.bind(jnp.asarray(source), jnp.asarray(features), where, **config)
+    assert_exact(np.asarray(got).reshape(arg.shape), pick(source, arg, layout), "gather")
+    got = scatter.bind(jnp.asarray(flat_cot), jnp.asarray(features), where, **config)
+    assert_exact(got, scatter_grad(cot, arg, features.shape, layout), "scatter")

@@ -284,13 +284,3 @@ def test_vmap_is_one_kernel_call(f_axis, r_axis):
     names = primitive_names(jax.make_jaxpr(grads)(features, rois).jaxpr)
     assert not {"scan", "while"} & set(names), names
 
-
-def test_vmapped_gather_keeps_out_of_range_argmax_out():
-    # An argmax naming no cell of its own copy must not reach the next copy.
-    from jax_roipool._primitives import gather_p
-
-    source = np.arange(2 * 1 * 2 * 2 * 1, dtype=np.float32).reshape(2, 1, 2, 2, 1) + 1
-    argmax = np.array([4, 3, -1], np.int32).reshape(3, 1, 1, 1)  # 4 is past this copy's 4 cells
-    argmax = np.broadcast_to(argmax, (2, 3, 1, 1, 1))
-    out = jax.vmap(lambda s, a: gather_p.bind(s, a, layout="NHWC"))(source, argmax)
-    np.testing.assert_array_equal(np.asarray(out).reshape(2, 3), [[0, 4, 0], [0, 8, 0]])
