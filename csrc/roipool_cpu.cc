@@ -482,13 +482,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
       pool_in_chunks(x, boxes, f, p, scale, bins, all, idx != nullptr, begin,
                      end, [&](int64_t r, int64_t k0, int64_t k1,
                               const T* max, const int32_t* arg) {
-                       for_chunk_bins(r, k0, k1, all, p, layout,
-                                      [&](int64_t i, int64_t o, int64_t stride) {
-                                        for (int64_t c = 0; c < f.c; ++c) {
-                                          y[o + c * stride] = max[i + c];
-                                          if (idx) idx[o + c * stride] = arg[i + c];
-                                        }
-                                      });
+                       // Channel-major, so that the writes are contiguous.
+                       const int64_t bin_plane = p.ph * p.pw;
+                       for (int64_t c = 0; c < f.c; ++c) {
+                         const int64_t o = (r * f.c + c) * bin_plane;
+                         for (int64_t k = k0; k < k1; ++k) {
+                           y[o + k] = max[(k - k0) * f.c + c];
+                           if (idx) idx[o + k] = arg[(k - k0) * f.c + c];
+                         }
+                       }
                      });
     });
     return ffi::Error::Success();
