@@ -117,6 +117,54 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
   return ffi::Error::Success();
 }
 
+// check_pool_call plus the results of a forward: out pooled, like features;
+// argmax pooled or empty (shape [0]: not wanted).
+inline ffi::Error check_forward_call(const ffi::AnyBuffer& features,
+                                     const ffi::AnyBuffer& rois,
+                                     ffi::Result<ffi::AnyBuffer>& out,
+                                     ffi::Result<ffi::Buffer<ffi::S32>>& argmax,
+                                     int32_t pooled_h, int32_t pooled_w,
+                                     int32_t layout, int32_t bins,
+                                     PoolShapes* shapes) {
+  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
+                                 bins, shapes);
+      err.failure())
+    return err;
+  if (!shapes->is_pooled(out->dimensions(), layout) ||
+      (argmax->element_count() != 0 &&
+       !shapes->is_pooled(argmax->dimensions(), layout)) ||
+      out->element_type() != features.element_type())
+    return ffi::Error::InvalidArgument(
+        "roi_pool: output/argmax shape or dtype does not match the inputs");
+  return ffi::Error::Success();
+}
+
+// check_pool_call plus the operand and result of a gather (value like
+// features, result pooled) or a scatter (value pooled, result like
+// features); all of the features' dtype.
+inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
+                                       const ffi::AnyBuffer& features,
+                                       const ffi::AnyBuffer& rois,
+                                       ffi::Result<ffi::AnyBuffer>& result,
+                                       int32_t pooled_h, int32_t pooled_w,
+                                       int32_t layout, int32_t bins,
+                                       PoolShapes* shapes) {
+  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
+                                 bins, shapes);
+      err.failure())
+    return err;
+  const auto pooled = gather ? result->dimensions() : value.dimensions();
+  const auto like_features = gather ? value.dimensions() : result->dimensions();
+  if (!shapes->is_pooled(pooled, layout) ||
+      !same_dims(like_features, features.dimensions()) ||
+      value.element_type() != features.element_type() ||
+      result->element_type() != features.element_type())
+    return ffi::Error::InvalidArgument(
+        gather ? "roi_pool gather: source must be like features, output pooled"
+               : "roi_pool scatter: cotangent must be pooled, grad like features");
+  return ffi::Error::Success();
+}
+
 // The operands and attributes of the handlers, after the platform context, so
 // that the CPU and CUDA handlers of one op can never disagree on them. Every
 // handler takes the pooling attributes; gather and scatter recompute the

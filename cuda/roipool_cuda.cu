@@ -106,17 +106,12 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
                    int32_t bins) {
   PoolShapes s;
-  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
-                                 bins, &s);
+  if (auto err = check_forward_call(features, rois, out, argmax, pooled_h,
+                                    pooled_w, layout, bins, &s);
       err.failure())
     return err;
   // An empty argmax result asks for the maxima alone (no gradient needed).
   const bool with_argmax = argmax->element_count() != 0;
-  if (!s.is_pooled(out->dimensions(), layout) ||
-      (with_argmax && !s.is_pooled(argmax->dimensions(), layout)) ||
-      out->element_type() != features.element_type())
-    return ffi::Error::InvalidArgument(
-        "roi_pool: output/argmax shape or dtype does not match the inputs");
   return with_typed(features, rois, [&](auto x, auto boxes) {
     return launch<kForwardOp>(stream, s, layout, bins, x, boxes, x,
                               typed(out->untyped_data(), x),
@@ -133,16 +128,10 @@ ffi::Error Gather(cudaStream_t stream, ffi::AnyBuffer source,
                   int32_t pooled_w, double spatial_scale, int32_t layout,
                   int32_t bins) {
   PoolShapes s;
-  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
-                                 bins, &s);
+  if (auto err = check_argmax_op_call(true, source, features, rois, out,
+                                      pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
-  if (!same_dims(source.dimensions(), features.dimensions()) ||
-      source.element_type() != features.element_type() ||
-      !s.is_pooled(out->dimensions(), layout) ||
-      out->element_type() != features.element_type())
-    return ffi::Error::InvalidArgument(
-        "roi_pool gather: source must be like features, output pooled");
   return with_typed(features, rois, [&](auto x, auto boxes) {
     return launch<kGatherOp>(stream, s, layout, bins, x, boxes,
                              typed(source.untyped_data(), x),
@@ -160,16 +149,10 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
                    int32_t bins) {
   PoolShapes s;
-  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
-                                 bins, &s);
+  if (auto err = check_argmax_op_call(false, cotangent, features, rois, grad,
+                                      pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
-  if (!s.is_pooled(cotangent.dimensions(), layout) ||
-      cotangent.element_type() != features.element_type() ||
-      !same_dims(grad->dimensions(), features.dimensions()) ||
-      grad->element_type() != features.element_type())
-    return ffi::Error::InvalidArgument(
-        "roi_pool scatter: cotangent must be pooled, grad like features");
   if (grad->size_bytes() == 0) return ffi::Error::Success();
   if (auto err = cuda_status(cudaMemsetAsync(grad->untyped_data(), 0,
                                              grad->size_bytes(), stream),
