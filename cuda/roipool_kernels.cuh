@@ -151,15 +151,17 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t plane = int64_t(d.h) * d.w;
   for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
     const BinMax<T> m = bin_max<T, C, kLayout>(features, rois, d, scale, o);
-    const int64_t at =
-        m.cell < 0 ? 0 : cell_offset(m.cell, m.channel, d.channels, plane, kLayout);
     if (kOp == kForwardOp) {
       out[o] = m.value;
       if (argmax) argmax[o] = int32_t(m.cell);
-    } else if (kOp == kGatherOp) {
-      out[o] = m.cell < 0 ? Value<T>::zero() : in[at];
     } else if (m.cell >= 0) {
-      atomicAdd(out + at, in[o]);
+      const int64_t at = cell_offset(m.cell, m.channel, d.channels, plane, kLayout);
+      if (kOp == kGatherOp)
+        out[o] = in[at];
+      else
+        atomicAdd(out + at, in[o]);
+    } else if (kOp == kGatherOp) {
+      out[o] = Value<T>::zero();  // empty bin
     }
   }
 }
