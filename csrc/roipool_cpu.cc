@@ -216,17 +216,19 @@ ROIPOOL_VECTOR_CLONES void fold_cell_argmax(
   }
 }
 
-// float32 with argmax, the backward's hot loop: 16 channels at a time, whose
-// running maxima and cells stay in four 8-lane registers while the bin's
-// cells stream through. Returns how many leading channels it pooled (a
-// multiple of 16); the caller pools the rest.
+// float32, the hot loop of both passes: 16 channels at a time, whose running
+// maxima (and cells, kArgmax) stay in 8-lane registers while the bin's cells
+// stream through. Returns how many leading channels it pooled (a multiple of
+// 16); the caller pools the rest.
 typedef float F32x8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4)));
 
-ROIPOOL_VECTOR_CLONES int64_t pool_bin_f32_argmax(
-    const float* __restrict first, Span sy, Span sx, int64_t width,
-    int64_t stride, int32_t first_cell, int64_t count, float* __restrict out,
-    int32_t* __restrict arg) {
+template <bool kArgmax>
+ROIPOOL_VECTOR_CLONES int64_t pool_bin_f32(const float* __restrict first,
+                                           Span sy, Span sx, int64_t width,
+                                           int64_t stride, int32_t first_cell,
+                                           int64_t count, float* __restrict out,
+                                           int32_t* __restrict arg) {
   int64_t j = 0;
   for (; j + 16 <= count; j += 16) {
     const float* base = first + j;
@@ -241,20 +243,24 @@ ROIPOOL_VECTOR_CLONES int64_t pool_bin_f32_argmax(
       for (int32_t w = w0; w < sx.end - sx.begin; ++w) {
         const F32x8 v0 = *reinterpret_cast<const F32x8*>(px + w * stride);
         const F32x8 v1 = *reinterpret_cast<const F32x8*>(px + w * stride + 8);
-        const I32x8 cell = I32x8{} + (row_cell + w);
         // replaces_max, lane-wise: !(v <= best) && best == best.
         const I32x8 t0 = ~(v0 <= b0) & (b0 == b0);
         const I32x8 t1 = ~(v1 <= b1) & (b1 == b1);
         b0 = t0 ? v0 : b0;
         b1 = t1 ? v1 : b1;
-        c0 = t0 ? cell : c0;
-        c1 = t1 ? cell : c1;
+        if constexpr (kArgmax) {
+          const I32x8 cell = I32x8{} + (row_cell + w);
+          c0 = t0 ? cell : c0;
+          c1 = t1 ? cell : c1;
+        }
       }
     }
     std::memcpy(out + j, &b0, sizeof(b0));
     std::memcpy(out + j + 8, &b1, sizeof(b1));
-    std::memcpy(arg + j, &c0, sizeof(c0));
-    std::memcpy(arg + j + 8, &c1, sizeof(c1));
+    if constexpr (kArgmax) {
+      std::memcpy(arg + j, &c0, sizeof(c0));
+      std::memcpy(arg + j + 8, &c1, sizeof(c1));
+    }
   }
   return j;
 }
@@ -292,7 +298,8 @@ void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
     const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c + ch.begin;
     int64_t c0 = 0;  // channels [0, c0) done
     if constexpr (std::is_same_v<T, float>)
-      if (arg) c0 = pool_bin_f32_argmax(first, sy, sx, f.w, f.c, first_cell, nc, y, arg);
+      c0 = arg ? pool_bin_f32<true>(first, sy, sx, f.w, f.c, first_cell, nc, y, arg)
+               : pool_bin_f32<false>(first, sy, sx, f.w, f.c, first_cell, nc, y, arg);
     for (int64_t c = c0; c < nc; ++c) best[c] = Element<T>::load(first[c]);
     if (arg) std::fill(best_cell + c0, best_cell + nc, first_cell);
     for (int32_t h = sy.begin; h < sy.end; ++h) {
@@ -330,6 +337,13 @@ void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
   }
 }
 
+// How many bins pool_in_chunks pools at a time: about 16K values.
+inline int64_t bins_per_chunk(const PooledShape& p, const Channels& ch) {
+  constexpr int64_t kChunkElements = 16 * 1024;
+  return std::min(p.ph * p.pw,
+                  std::max<int64_t>(1, kChunkElements / std::max<int64_t>(ch.count, 1)));
+}
+
 // Pools the RoIs [roi_begin, roi_end), channels `ch`, from NHWC features a
 // cache-sized chunk of bins at a time, and hands every chunk to
 // consume(r, k0, k1, max, arg): bins [k0, k1) of RoI r, their maxima and
@@ -340,10 +354,8 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
                     const FeatureShape& f, const PooledShape& p, C scale,
                     int32_t bins, const Channels& ch, bool with_argmax,
                     int64_t roi_begin, int64_t roi_end, Consume&& consume) {
-  constexpr int64_t kChunkElements = 16 * 1024;
   const int64_t bin_plane = p.ph * p.pw;
-  const int64_t chunk_bins = std::min(
-      bin_plane, std::max<int64_t>(1, kChunkElements / std::max<int64_t>(ch.count, 1)));
+  const int64_t chunk_bins = bins_per_chunk(p, ch);
   std::vector<typename Element<T>::Acc> best(ch.count);
   std::vector<int32_t> best_cell(with_argmax ? ch.count : 0);
   std::vector<T> chunk_max(chunk_bins * ch.count);
@@ -362,30 +374,40 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
   }
 }
 
-// Calls fn(i, o, stride) for every bin of a chunk (RoI r, bins [k0, k1)):
-// its ch.count values are at i + j in the chunk and at o + j * stride in an
-// output-shaped buffer (channel ch.begin + j).
+// Calls fn(i, o, j) for every value of a chunk (RoI r, bins [k0, k1),
+// channels ch): channel ch.begin + j of bin k, at i = (k - k0) * ch.count + j
+// in the chunk and at o in an output-shaped buffer. The buffer is walked in
+// its own order (channel-major in NCHW), so that its side is contiguous and
+// the strided side is the small, cache-resident chunk.
 template <typename F>
-inline void for_chunk_bins(int64_t r, int64_t k0, int64_t k1,
-                           const Channels& ch, const PooledShape& p,
-                           int32_t layout, F&& fn) {
+inline void for_chunk_values(int64_t r, int64_t k0, int64_t k1,
+                             const Channels& ch, const PooledShape& p,
+                             int32_t layout, F&& fn) {
   const int64_t bin_plane = p.ph * p.pw;
-  const int64_t stride = layout == kNHWC ? 1 : bin_plane;
-  for (int64_t k = k0; k < k1; ++k)
-    fn((k - k0) * ch.count,
-       pooled_offset(r, k, ch.begin, p.c, bin_plane, layout), stride);
+  if (layout == kNHWC) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i = (k - k0) * ch.count;
+      const int64_t o = pooled_offset(r, k, ch.begin, p.c, bin_plane, layout);
+      for (int64_t j = 0; j < ch.count; ++j) fn(i + j, o + j, j);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < ch.count; ++j) {
+    const int64_t o = pooled_offset(r, k0, ch.begin + j, p.c, bin_plane, layout);
+    for (int64_t k = 0; k < k1 - k0; ++k) fn(k * ch.count + j, o + k, j);
+  }
 }
 
-// acc[arg[j] * channels + j] += cot[j * stride] for the `count` channels of
-// one bin; acc points at the bin's first channel. A bin names a cell in
-// every channel or (empty bin, invalid RoI) in none.
+// acc[arg[j] * channels + j] += cot[j] for the `count` channels of one bin;
+// acc points at the bin's first channel. A bin names a cell in every
+// channel or (empty bin, invalid RoI) in none.
 template <typename T>
 void add_at_cells(const int32_t* __restrict arg, const T* __restrict cot,
-                  int64_t stride, typename Element<T>::Acc* __restrict acc,
-                  int64_t channels, int64_t count) {
+                  typename Element<T>::Acc* __restrict acc, int64_t channels,
+                  int64_t count) {
   if (count == 0 || arg[0] < 0) return;
   for (int64_t j = 0; j < count; ++j)
-    acc[int64_t(arg[j]) * channels + j] += Element<T>::load(cot[j * stride]);
+    acc[int64_t(arg[j]) * channels + j] += Element<T>::load(cot[j]);
 }
 
 // [N, C, H, W] -> [N, H, W, C], split over images and rows.
@@ -477,15 +499,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
       pool_in_chunks(x, boxes, f, p, scale, bins, all, idx != nullptr, begin,
                      end, [&](int64_t r, int64_t k0, int64_t k1,
                               const T* max, const int32_t* arg) {
-                       // Channel-major, so that the writes are contiguous.
-                       const int64_t bin_plane = p.ph * p.pw;
-                       for (int64_t c = 0; c < f.c; ++c) {
-                         const int64_t o = (r * f.c + c) * bin_plane;
-                         for (int64_t k = k0; k < k1; ++k) {
-                           y[o + k] = max[(k - k0) * f.c + c];
-                           if (idx) idx[o + k] = arg[(k - k0) * f.c + c];
-                         }
-                       }
+                       for_chunk_values(r, k0, k1, all, p, layout,
+                                        [&](int64_t i, int64_t o, int64_t) {
+                                          y[o] = max[i];
+                                          if (idx) idx[o] = arg[i];
+                                        });
                      });
     });
     return ffi::Error::Success();
@@ -524,15 +542,13 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
       pool_in_chunks(
           x, data_of<C>(rois), f, p, C(spatial_scale), bins, all, true, begin,
           end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
-            for_chunk_bins(r, k0, k1, all, p, layout,
-                           [&](int64_t i, int64_t o, int64_t stride) {
-                             for (int64_t c = 0; c < f.c; ++c) {
-                               const int32_t cell = arg[i + c];
-                               y[o + c * stride] =
-                                   cell < 0 ? zero
-                                            : src[cell_offset(cell, c, f.c, plane, layout)];
-                             }
-                           });
+            for_chunk_values(r, k0, k1, all, p, layout,
+                             [&](int64_t i, int64_t o, int64_t c) {
+                               const int32_t cell = arg[i];
+                               y[o] = cell < 0
+                                          ? zero
+                                          : src[cell_offset(cell, c, f.c, plane, layout)];
+                             });
           });
     });
     return ffi::Error::Success();
@@ -585,14 +601,22 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     std::vector<std::vector<Acc>> partial(split_rois ? workers : 1);
     // Pools RoIs [r0, r1), channels ch, adding the cotangent into acc.
     auto add = [&](Acc* acc, const Channels& ch, int64_t r0, int64_t r1) {
+      std::vector<T> cot_buffer(layout == kNHWC ? 0 : bins_per_chunk(p, ch) * ch.count);
       pool_in_chunks(
           x, data_of<C>(rois), f, p, C(spatial_scale), bins, ch, true, r0, r1,
           [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
-            for_chunk_bins(r, k0, k1, ch, p, layout,
-                           [&](int64_t i, int64_t o, int64_t stride) {
-                             add_at_cells(arg + i, cot + o, stride, acc + ch.begin,
-                                          f.c, ch.count);
-                           });
+            // The chunk's cotangent, in the chunk's order.
+            const T* chunk_cot = cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout);
+            int64_t bin_stride = f.c;
+            if (layout != kNHWC) {
+              for_chunk_values(r, k0, k1, ch, p, layout,
+                               [&](int64_t i, int64_t o, int64_t) { cot_buffer[i] = cot[o]; });
+              chunk_cot = cot_buffer.data();
+              bin_stride = ch.count;
+            }
+            for (int64_t k = 0; k < k1 - k0; ++k)
+              add_at_cells(arg + k * ch.count, chunk_cot + k * bin_stride,
+                           acc + ch.begin, f.c, ch.count);
           });
     };
     if (split_rois) {

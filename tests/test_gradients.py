@@ -171,16 +171,39 @@ def gather_at(values, argmax, layout):
     return out.transpose(0, 3, 1, 2) if layout == "NCHW" else out
 
 
+def assert_gradient_exact(features, rois, cotangent, layout):
+    """Feature gradient of fast_rcnn pooling at scale 1 vs the reference;
+    features and cotangent are given NHWC and transposed for NCHW."""
+    if layout == "NCHW":
+        features, cotangent = features.transpose(0, 3, 1, 2), cotangent.transpose(0, 3, 1, 2)
+    pooled = cotangent.shape[2:] if layout == "NCHW" else cotangent.shape[1:3]
+    grad = vjp_features(features, rois, cotangent, pooled, 1.0, layout, "fast_rcnn")
+    want, _ = expected_grad(features, rois, cotangent, pooled, 1.0, layout, "fast_rcnn")
+    assert_exact(grad, want, "feature gradient")
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=dtype_id)
-def test_grad_of_large_map(dtype):
+def test_grad_of_large_map(dtype, layout):
     # A feature map above the CPU scatter's budget for per-thread accumulators
     # (128 MiB over all threads) takes the other split (channel blocks); the
-    # small maps above take the per-thread one. Both must be exact.
+    # small maps above take the per-thread one. Both must be exact. 5x5 bins
+    # of ~1000 channels also span two of the kernels' 16K-value chunks.
     rng = np.random.default_rng(11)
     n, h, w, c = 1, 96, 96, 1920  # 68 MiB of float32 accumulators per thread
     features = rng.standard_normal((n, h, w, c)).astype(dtype)
     rois = random_rois(rng, n, h, w, 12, 1.0, adversarial=False)
-    cotangent = rng.integers(-3, 4, (12, 2, 2, c)).astype(dtype)
-    grad = vjp_features(features, rois, cotangent, (2, 2), 1.0, "NHWC", "fast_rcnn")
-    want, _ = expected_grad(features, rois, cotangent, (2, 2), 1.0, "NHWC", "fast_rcnn")
-    assert_exact(grad, want, "feature gradient")
+    cotangent = rng.integers(-3, 4, (12, 5, 5, c)).astype(dtype)
+    assert_gradient_exact(features, rois, cotangent, layout)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_grad_over_several_chunks(layout):
+    # 7x7 bins of 700 channels are three of the CPU kernels' 16K-value chunks
+    # (23 bins each), with the per-thread accumulators.
+    rng = np.random.default_rng(12)
+    n, h, w, c = 2, 11, 13, 700
+    features = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    rois = random_rois(rng, n, h, w, 9, 1.0, adversarial=True)
+    cotangent = rng.integers(-3, 4, (9, 7, 7, c)).astype(np.float32)
+    assert_gradient_exact(features, rois, cotangent, layout)
