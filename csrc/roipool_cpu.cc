@@ -1,5 +1,5 @@
-// CPU kernels of roi_pool behind the XLA FFI: the forward pass with argmax,
-// the gather at the argmax (JVP tangent) and the scatter-add at the argmax
+// CPU kernels of roi_pool behind the XLA FFI: the forward pass (with or
+// without argmax), the gather at the argmax (JVP tangent) and the scatter-add at the argmax
 // (its transpose). Gather and scatter recompute the argmax from the features
 // chunk by chunk instead of reading a stored one: the argmax never goes
 // through memory, which halves the traffic of a forward + backward. Work is
@@ -179,8 +179,9 @@ void advise_huge_pages(void* data, size_t bytes) {
 // ---------------------------------------------------------------------------
 // Pooling: max over each bin, and its cell index.
 
-// The channel loops below are the hot spots of the NHWC kernels; they are
-// compiled for AVX2 and for the baseline ISA, picked at load time.
+// The channel loops below are the hot spots of every kernel (NCHW ones pool
+// from an NHWC copy); they are compiled for AVX2 and for the baseline ISA,
+// picked at load time.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ROIPOOL_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -188,37 +189,30 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 
 // Fold one more cell (its `channels` values) into the running maxima of a
-// bin. Each lane loads the old maximum and always stores the new one, so the
-// compiler emits compare + blend; a conditional store would become a masked
-// store, which is very slow on some x86 cores.
-template <typename T>
+// bin, and (kArgmax) its index into their cells. Each lane loads the old
+// maximum and always stores the new one, so the compiler emits compare +
+// blend; a conditional store would become a masked store, which is very slow
+// on some x86 cores.
+template <bool kArgmax, typename T>
 ROIPOOL_VECTOR_CLONES void fold_cell(const T* __restrict px,
                                      typename Element<T>::Acc* __restrict best,
+                                     int32_t* __restrict best_cell, int32_t cell,
                                      int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const auto v = Element<T>::load(px[c]);
     const auto b = best[c];
-    best[c] = replaces_max(v, b) ? v : b;
-  }
-}
-
-template <typename T>
-ROIPOOL_VECTOR_CLONES void fold_cell_argmax(
-    const T* __restrict px, typename Element<T>::Acc* __restrict best,
-    int32_t* __restrict best_cell, int32_t cell, int64_t channels) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const auto v = Element<T>::load(px[c]);
-    const auto b = best[c];
-    const int32_t i = best_cell[c];
     const bool take = replaces_max(v, b);
     best[c] = take ? v : b;
-    best_cell[c] = take ? cell : i;
+    if constexpr (kArgmax) {
+      const int32_t i = best_cell[c];
+      best_cell[c] = take ? cell : i;
+    }
   }
 }
 
-// float32, the hot loop of both passes: 16 channels at a time, whose running
-// maxima (and cells, kArgmax) stay in 8-lane registers while the bin's cells
-// stream through. Returns how many leading channels it pooled (a multiple of
+// float32, the hot loop of all three kernels: 16 channels at a time, whose
+// running maxima (and cells, kArgmax) stay in 8-lane registers while the
+// bin's cells stream through. Returns how many leading channels it pooled (a multiple of
 // 16); the caller pools the rest.
 typedef float F32x8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4)));
@@ -235,8 +229,9 @@ ROIPOOL_VECTOR_CLONES int64_t pool_bin_f32(const float* __restrict first,
     F32x8 b0 = *reinterpret_cast<const F32x8*>(base);
     F32x8 b1 = *reinterpret_cast<const F32x8*>(base + 8);
     I32x8 c0 = I32x8{} + first_cell, c1 = c0;
-    int32_t row_cell = first_cell;  // cell at (h, sx.begin)
-    for (int32_t h = sy.begin; h < sy.end; ++h, row_cell += int32_t(width)) {
+    for (int32_t h = sy.begin; h < sy.end; ++h) {
+      // Cell index at (h, sx.begin); a valid cell, so it fits in int32.
+      const int32_t row_cell = first_cell + (h - sy.begin) * int32_t(width);
       const float* px = base + (int64_t(h - sy.begin) * width) * stride;
       // The first cell is already folded in.
       const int32_t w0 = h == sy.begin ? 1 : 0;
@@ -273,13 +268,14 @@ struct Channels {
 
 // Pools the bins [k_begin, k_end) (flat ph * PW + pw) of one RoI, channels
 // `ch`, from an NHWC image [H, W, C] into out[(k - k_begin) * ch.count + j]
-// (channel ch.begin + j), and their cells into argmax likewise when it is
-// non-null. `best` and `best_cell` hold ch.count values.
-template <typename T, typename C>
-void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
-                    const PooledShape& p, int32_t bins, const Channels& ch,
-                    int64_t k_begin, int64_t k_end, T* out, int32_t* argmax,
-                    typename Element<T>::Acc* best, int32_t* best_cell) {
+// (channel ch.begin + j), and (kArgmax) their cells into argmax likewise.
+// `best` and `best_cell` hold ch.count values.
+template <bool kArgmax, typename T, typename C>
+void pool_bins_nhwc_as(const T* image, const RoiGrid<C>& g,
+                       const FeatureShape& f, const PooledShape& p, int32_t bins,
+                       const Channels& ch, int64_t k_begin, int64_t k_end,
+                       T* out, int32_t* argmax, typename Element<T>::Acc* best,
+                       int32_t* best_cell) {
   using Acc = typename Element<T>::Acc;
   const int32_t row0 = int32_t(g.batch * f.h);
   const int64_t nc = ch.count;
@@ -288,35 +284,45 @@ void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
     const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
     const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
     T* y = out + (k - k_begin) * nc;
-    int32_t* arg = argmax ? argmax + (k - k_begin) * nc : nullptr;
+    int32_t* arg = kArgmax ? argmax + (k - k_begin) * nc : nullptr;
     if (!g.valid || sy.empty() || sx.empty()) {
       std::fill(y, y + nc, Element<T>::store(Acc(0)));
-      if (arg) std::fill(arg, arg + nc, -1);
+      if constexpr (kArgmax) std::fill(arg, arg + nc, -1);
       continue;
     }
     const int32_t first_cell = (row0 + sy.begin) * int32_t(f.w) + sx.begin;
     const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c + ch.begin;
     int64_t c0 = 0;  // channels [0, c0) done
     if constexpr (std::is_same_v<T, float>)
-      c0 = arg ? pool_bin_f32<true>(first, sy, sx, f.w, f.c, first_cell, nc, y, arg)
-               : pool_bin_f32<false>(first, sy, sx, f.w, f.c, first_cell, nc, y, arg);
+      c0 = pool_bin_f32<kArgmax>(first, sy, sx, f.w, f.c, first_cell, nc, y, arg);
     for (int64_t c = c0; c < nc; ++c) best[c] = Element<T>::load(first[c]);
-    if (arg) std::fill(best_cell + c0, best_cell + nc, first_cell);
+    if constexpr (kArgmax) std::fill(best_cell + c0, best_cell + nc, first_cell);
     for (int32_t h = sy.begin; h < sy.end; ++h) {
       // The first cell is already folded in.
       for (int32_t w = (h == sy.begin ? sx.begin + 1 : sx.begin); w < sx.end;
            ++w) {
         const T* px = image + (int64_t(h) * f.w + w) * f.c + ch.begin + c0;
-        if (arg)
-          fold_cell_argmax<T>(px, best + c0, best_cell + c0,
+        fold_cell<kArgmax, T>(px, best + c0, best_cell + c0,
                               (row0 + h) * int32_t(f.w) + w, nc - c0);
-        else
-          fold_cell<T>(px, best + c0, nc - c0);
       }
     }
     for (int64_t c = c0; c < nc; ++c) y[c] = Element<T>::store(best[c]);
-    if (arg) std::copy(best_cell + c0, best_cell + nc, arg + c0);
+    if constexpr (kArgmax) std::copy(best_cell + c0, best_cell + nc, arg + c0);
   }
+}
+
+// The same, with the cells when argmax is non-null.
+template <typename T, typename C>
+void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
+                    const PooledShape& p, int32_t bins, const Channels& ch,
+                    int64_t k_begin, int64_t k_end, T* out, int32_t* argmax,
+                    typename Element<T>::Acc* best, int32_t* best_cell) {
+  if (argmax)
+    pool_bins_nhwc_as<true>(image, g, f, p, bins, ch, k_begin, k_end, out,
+                            argmax, best, best_cell);
+  else
+    pool_bins_nhwc_as<false>(image, g, f, p, bins, ch, k_begin, k_end, out,
+                             argmax, best, best_cell);
 }
 
 // NHWC forward: each RoI's bins go straight to the output.
@@ -348,7 +354,8 @@ inline int64_t bins_per_chunk(const PooledShape& p, const Channels& ch) {
 // cache-sized chunk of bins at a time, and hands every chunk to
 // consume(r, k0, k1, max, arg): bins [k0, k1) of RoI r, their maxima and
 // (when with_argmax) cells at [(k - k0) * ch.count + j] for channel
-// ch.begin + j. The other kernels are this plus what they do with a chunk.
+// ch.begin + j. The kernels other than the NHWC forward are this plus what
+// they do with a chunk.
 template <typename T, typename C, typename Consume>
 void pool_in_chunks(const T* features_nhwc, const C* rois,
                     const FeatureShape& f, const PooledShape& p, C scale,
@@ -374,9 +381,9 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
   }
 }
 
-// Calls fn(i, o, j) for every value of a chunk (RoI r, bins [k0, k1),
-// channels ch): channel ch.begin + j of bin k, at i = (k - k0) * ch.count + j
-// in the chunk and at o in an output-shaped buffer. The buffer is walked in
+// Calls fn(i, o, c) for every value of a chunk (RoI r, bins [k0, k1),
+// channels ch): channel c = ch.begin + j of bin k, at i = (k - k0) * ch.count
+// + j in the chunk and at o in an output-shaped buffer. The buffer is walked in
 // its own order (channel-major in NCHW), so that its side is contiguous and
 // the strided side is the small, cache-resident chunk.
 template <typename F>
@@ -388,19 +395,20 @@ inline void for_chunk_values(int64_t r, int64_t k0, int64_t k1,
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i = (k - k0) * ch.count;
       const int64_t o = pooled_offset(r, k, ch.begin, p.c, bin_plane, layout);
-      for (int64_t j = 0; j < ch.count; ++j) fn(i + j, o + j, j);
+      for (int64_t j = 0; j < ch.count; ++j) fn(i + j, o + j, ch.begin + j);
     }
     return;
   }
   for (int64_t j = 0; j < ch.count; ++j) {
     const int64_t o = pooled_offset(r, k0, ch.begin + j, p.c, bin_plane, layout);
-    for (int64_t k = 0; k < k1 - k0; ++k) fn(k * ch.count + j, o + k, j);
+    for (int64_t k = 0; k < k1 - k0; ++k) fn(k * ch.count + j, o + k, ch.begin + j);
   }
 }
 
-// acc[arg[j] * channels + j] += cot[j] for the `count` channels of one bin;
-// acc points at the bin's first channel. A bin names a cell in every
-// channel or (empty bin, invalid RoI) in none.
+// acc[arg[j] * channels + j] += cot[j] for `count` consecutive channels of
+// one bin, acc being a feature-sized NHWC accumulator offset by the first of
+// them. A bin names a cell in every channel or (empty bin, invalid RoI) in
+// none.
 template <typename T>
 void add_at_cells(const int32_t* __restrict arg, const T* __restrict cot,
                   typename Element<T>::Acc* __restrict acc, int64_t channels,
@@ -601,18 +609,21 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     std::vector<std::vector<Acc>> partial(split_rois ? workers : 1);
     // Pools RoIs [r0, r1), channels ch, adding the cotangent into acc.
     auto add = [&](Acc* acc, const Channels& ch, int64_t r0, int64_t r1) {
+      // One chunk of pool_in_chunks (NCHW only).
       std::vector<T> cot_buffer(layout == kNHWC ? 0 : bins_per_chunk(p, ch) * ch.count);
       pool_in_chunks(
           x, data_of<C>(rois), f, p, C(spatial_scale), bins, ch, true, r0, r1,
           [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
-            // The chunk's cotangent, in the chunk's order.
-            const T* chunk_cot = cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout);
-            int64_t bin_stride = f.c;
-            if (layout != kNHWC) {
+            // The chunk's cotangent: read in place (NHWC, bins f.c apart),
+            // or copied into the chunk's order (NCHW).
+            const T* chunk_cot = cot_buffer.data();
+            int64_t bin_stride = ch.count;
+            if (layout == kNHWC) {
+              chunk_cot = cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout);
+              bin_stride = f.c;
+            } else {
               for_chunk_values(r, k0, k1, ch, p, layout,
                                [&](int64_t i, int64_t o, int64_t) { cot_buffer[i] = cot[o]; });
-              chunk_cot = cot_buffer.data();
-              bin_stride = ch.count;
             }
             for (int64_t k = 0; k < k1 - k0; ++k)
               add_at_cells(arg + k * ch.count, chunk_cot + k * bin_stride,
