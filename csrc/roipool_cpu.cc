@@ -1,9 +1,9 @@
 // CPU kernels of roi_pool behind the XLA FFI: the forward pass (with or
-// without argmax), the gather at the argmax (JVP tangent) and the scatter-add at the argmax
-// (its transpose). Gather and scatter recompute the argmax from the features
-// chunk by chunk instead of reading a stored one: the argmax never goes
-// through memory, which halves the traffic of a forward + backward. Work is
-// split over XLA's intra-op thread pool.
+// without argmax), the gather at the argmax (JVP tangent) and the scatter-add
+// at the argmax (its transpose). Gather and scatter recompute the argmax from
+// the features chunk by chunk instead of reading a stored one: the argmax
+// never goes through memory, which halves the traffic of a forward +
+// backward. Work is split over XLA's intra-op thread pool.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -212,8 +212,8 @@ ROIPOOL_VECTOR_CLONES void fold_cell(const T* __restrict px,
 
 // float32, the hot loop of all three kernels: 16 channels at a time, whose
 // running maxima (and cells, kArgmax) stay in 8-lane registers while the
-// bin's cells stream through. Returns how many leading channels it pooled (a multiple of
-// 16); the caller pools the rest.
+// bin's cells stream through. Returns how many leading channels it pooled
+// (a multiple of 16); the caller pools the rest.
 typedef float F32x8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4)));
 
@@ -382,10 +382,11 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
 }
 
 // Calls fn(i, o, c) for every value of a chunk (RoI r, bins [k0, k1),
-// channels ch): channel c = ch.begin + j of bin k, at i = (k - k0) * ch.count
-// + j in the chunk and at o in an output-shaped buffer. The buffer is walked in
-// its own order (channel-major in NCHW), so that its side is contiguous and
-// the strided side is the small, cache-resident chunk.
+// channels ch): channel c = ch.begin + j of bin k, at
+// i = (k - k0) * ch.count + j in the chunk and at o in an output-shaped
+// buffer. The buffer is walked in its own order (channel-major in NCHW), so
+// that its side is contiguous and the strided side is the small,
+// cache-resident chunk.
 template <typename F>
 inline void for_chunk_values(int64_t r, int64_t k0, int64_t k1,
                              const Channels& ch, const PooledShape& p,
