@@ -179,14 +179,15 @@ void advise_huge_pages(void* data, size_t bytes) {
 // ---------------------------------------------------------------------------
 // Pooling: max over each bin, and its cell index.
 
-// The channel loops below are the hot spots of every kernel (NCHW ones pool
-// from an NHWC copy); they are compiled for AVX2 and for the baseline ISA,
-// picked at load time.
+// Pooling is the hot spot of every kernel (NCHW ones pool from an NHWC
+// copy). pool_bins_nhwc_as is compiled for AVX2 and for the baseline ISA,
+// picked at load time, with everything it calls inlined into each clone.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ROIPOOL_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define ROIPOOL_VECTOR_CLONES
 #endif
+#define ROIPOOL_INLINE inline __attribute__((always_inline))
 
 // Fold one more cell (its `channels` values) into the running maxima of a
 // bin, and (kArgmax) its index into their cells. Each lane loads the old
@@ -194,10 +195,10 @@ void advise_huge_pages(void* data, size_t bytes) {
 // blend; a conditional store would become a masked store, which is very slow
 // on some x86 cores.
 template <bool kArgmax, typename T>
-ROIPOOL_VECTOR_CLONES void fold_cell(const T* __restrict px,
-                                     typename Element<T>::Acc* __restrict best,
-                                     int32_t* __restrict best_cell, int32_t cell,
-                                     int64_t channels) {
+ROIPOOL_INLINE void fold_cell(const T* __restrict px,
+                              typename Element<T>::Acc* __restrict best,
+                              int32_t* __restrict best_cell, int32_t cell,
+                              int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const auto v = Element<T>::load(px[c]);
     const auto b = best[c];
@@ -210,54 +211,73 @@ ROIPOOL_VECTOR_CLONES void fold_cell(const T* __restrict px,
   }
 }
 
-// float32, the hot loop of all three kernels: 16 channels at a time, whose
-// running maxima (and cells, kArgmax) stay in 8-lane registers while the
-// bin's cells stream through. Returns how many leading channels it pooled
-// (a multiple of 16); the caller pools the rest.
-typedef float F32x8 __attribute__((vector_size(32), aligned(4)));
-typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4)));
+// One bin of an NHWC image as the pooling loops walk it: rows sy x columns
+// sx of cells, `stride` values apart; `first_cell` is the flat index of its
+// first cell. The loops take a pointer to that cell's first pooled channel.
+struct BinCells {
+  Span sy, sx;
+  int64_t width, stride;  // cells per row, values per cell
+  int32_t first_cell;
+};
+
+// Pools channels [c0, c1) of a bin, any value type, one cell at a time, into
+// y / arg; `best` and `best_cell` are scratch for the channels.
+template <bool kArgmax, typename T>
+ROIPOOL_INLINE void pool_channels(const T* first, const BinCells& b,
+                                   int64_t c0, int64_t c1, T* y, int32_t* arg,
+                                   typename Element<T>::Acc* best,
+                                   int32_t* best_cell) {
+  for (int64_t c = c0; c < c1; ++c) best[c] = Element<T>::load(first[c]);
+  if constexpr (kArgmax) std::fill(best_cell + c0, best_cell + c1, b.first_cell);
+  for (int32_t h = 0; h < b.sy.end - b.sy.begin; ++h) {
+    // The first cell is already folded in.
+    for (int32_t w = h == 0 ? 1 : 0; w < b.sx.end - b.sx.begin; ++w)
+      fold_cell<kArgmax, T>(first + (h * b.width + w) * b.stride + c0,
+                            best + c0, best_cell + c0,
+                            b.first_cell + h * int32_t(b.width) + w, c1 - c0);
+  }
+  for (int64_t c = c0; c < c1; ++c) y[c] = Element<T>::store(best[c]);
+  if constexpr (kArgmax) std::copy(best_cell + c0, best_cell + c1, arg + c0);
+}
+
+// float32, the hot loop of all three kernels: channels [0, 16) of a bin,
+// whose running maxima (and cells, kArgmax) stay in 8-lane registers while
+// the bin's cells stream through, into out / arg.
+typedef float F32x8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 template <bool kArgmax>
-ROIPOOL_VECTOR_CLONES int64_t pool_bin_f32(const float* __restrict first,
-                                           Span sy, Span sx, int64_t width,
-                                           int64_t stride, int32_t first_cell,
-                                           int64_t count, float* __restrict out,
-                                           int32_t* __restrict arg) {
-  int64_t j = 0;
-  for (; j + 16 <= count; j += 16) {
-    const float* base = first + j;
-    F32x8 b0 = *reinterpret_cast<const F32x8*>(base);
-    F32x8 b1 = *reinterpret_cast<const F32x8*>(base + 8);
-    I32x8 c0 = I32x8{} + first_cell, c1 = c0;
-    for (int32_t h = sy.begin; h < sy.end; ++h) {
-      // Cell index at (h, sx.begin); a valid cell, so it fits in int32.
-      const int32_t row_cell = first_cell + (h - sy.begin) * int32_t(width);
-      const float* px = base + (int64_t(h - sy.begin) * width) * stride;
-      // The first cell is already folded in.
-      const int32_t w0 = h == sy.begin ? 1 : 0;
-      for (int32_t w = w0; w < sx.end - sx.begin; ++w) {
-        const F32x8 v0 = *reinterpret_cast<const F32x8*>(px + w * stride);
-        const F32x8 v1 = *reinterpret_cast<const F32x8*>(px + w * stride + 8);
-        // replaces_max, lane-wise: !(v <= best) && best == best.
-        const I32x8 t0 = ~(v0 <= b0) & (b0 == b0);
-        const I32x8 t1 = ~(v1 <= b1) & (b1 == b1);
-        b0 = t0 ? v0 : b0;
-        b1 = t1 ? v1 : b1;
-        if constexpr (kArgmax) {
-          const I32x8 cell = I32x8{} + (row_cell + w);
-          c0 = t0 ? cell : c0;
-          c1 = t1 ? cell : c1;
-        }
+ROIPOOL_INLINE void pool_block_f32(const float* __restrict first,
+                                   const BinCells& b, float* __restrict out,
+                                   int32_t* __restrict arg) {
+  F32x8 b0 = *reinterpret_cast<const F32x8*>(first);
+  F32x8 b1 = *reinterpret_cast<const F32x8*>(first + 8);
+  I32x8 c0 = I32x8{} + b.first_cell, c1 = c0;
+  for (int32_t h = 0; h < b.sy.end - b.sy.begin; ++h) {
+    // Cell index at (h, 0); a valid cell, so it fits in int32.
+    const int32_t row_cell = b.first_cell + h * int32_t(b.width);
+    const float* px = first + h * b.width * b.stride;
+    // The first cell is already folded in.
+    for (int32_t w = h == 0 ? 1 : 0; w < b.sx.end - b.sx.begin; ++w) {
+      const F32x8 x0 = *reinterpret_cast<const F32x8*>(px + w * b.stride);
+      const F32x8 x1 = *reinterpret_cast<const F32x8*>(px + w * b.stride + 8);
+      // replaces_max, lane-wise: !(x <= best) && best == best.
+      const I32x8 t0 = ~(x0 <= b0) & (b0 == b0), t1 = ~(x1 <= b1) & (b1 == b1);
+      if constexpr (kArgmax) {
+        const I32x8 cell = I32x8{} + (row_cell + w);
+        c0 = t0 ? cell : c0;
+        c1 = t1 ? cell : c1;
       }
-    }
-    std::memcpy(out + j, &b0, sizeof(b0));
-    std::memcpy(out + j + 8, &b1, sizeof(b1));
-    if constexpr (kArgmax) {
-      std::memcpy(arg + j, &c0, sizeof(c0));
-      std::memcpy(arg + j + 8, &c1, sizeof(c1));
+      b0 = t0 ? x0 : b0;
+      b1 = t1 ? x1 : b1;
     }
   }
-  return j;
+  *reinterpret_cast<F32x8*>(out) = b0;
+  *reinterpret_cast<F32x8*>(out + 8) = b1;
+  if constexpr (kArgmax) {
+    *reinterpret_cast<I32x8*>(arg) = c0;
+    *reinterpret_cast<I32x8*>(arg + 8) = c1;
+  }
 }
 
 // The channels [begin, begin + count) of every cell: all of C, or the block
@@ -271,11 +291,11 @@ struct Channels {
 // (channel ch.begin + j), and (kArgmax) their cells into argmax likewise.
 // `best` and `best_cell` hold ch.count values.
 template <bool kArgmax, typename T, typename C>
-void pool_bins_nhwc_as(const T* image, const RoiGrid<C>& g,
-                       const FeatureShape& f, const PooledShape& p, int32_t bins,
-                       const Channels& ch, int64_t k_begin, int64_t k_end,
-                       T* out, int32_t* argmax, typename Element<T>::Acc* best,
-                       int32_t* best_cell) {
+ROIPOOL_VECTOR_CLONES void pool_bins_nhwc_as(
+    const T* image, const RoiGrid<C>& g, const FeatureShape& f,
+    const PooledShape& p, int32_t bins, const Channels& ch, int64_t k_begin,
+    int64_t k_end, T* out, int32_t* argmax, typename Element<T>::Acc* best,
+    int32_t* best_cell) {
   using Acc = typename Element<T>::Acc;
   const int32_t row0 = int32_t(g.batch * f.h);
   const int64_t nc = ch.count;
@@ -290,24 +310,16 @@ void pool_bins_nhwc_as(const T* image, const RoiGrid<C>& g,
       if constexpr (kArgmax) std::fill(arg, arg + nc, -1);
       continue;
     }
-    const int32_t first_cell = (row0 + sy.begin) * int32_t(f.w) + sx.begin;
+    const BinCells cells{sy, sx, f.w, f.c,
+                         (row0 + sy.begin) * int32_t(f.w) + sx.begin};
     const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c + ch.begin;
     int64_t c0 = 0;  // channels [0, c0) done
-    if constexpr (std::is_same_v<T, float>)
-      c0 = pool_bin_f32<kArgmax>(first, sy, sx, f.w, f.c, first_cell, nc, y, arg);
-    for (int64_t c = c0; c < nc; ++c) best[c] = Element<T>::load(first[c]);
-    if constexpr (kArgmax) std::fill(best_cell + c0, best_cell + nc, first_cell);
-    for (int32_t h = sy.begin; h < sy.end; ++h) {
-      // The first cell is already folded in.
-      for (int32_t w = (h == sy.begin ? sx.begin + 1 : sx.begin); w < sx.end;
-           ++w) {
-        const T* px = image + (int64_t(h) * f.w + w) * f.c + ch.begin + c0;
-        fold_cell<kArgmax, T>(px, best + c0, best_cell + c0,
-                              (row0 + h) * int32_t(f.w) + w, nc - c0);
-      }
+    if constexpr (std::is_same_v<T, float>) {
+      for (; c0 + 16 <= nc; c0 += 16)
+        pool_block_f32<kArgmax>(first + c0, cells, y + c0,
+                                kArgmax ? arg + c0 : nullptr);
     }
-    for (int64_t c = c0; c < nc; ++c) y[c] = Element<T>::store(best[c]);
-    if constexpr (kArgmax) std::copy(best_cell + c0, best_cell + nc, arg + c0);
+    if (c0 < nc) pool_channels<kArgmax>(first, cells, c0, nc, y, arg, best, best_cell);
   }
 }
 
