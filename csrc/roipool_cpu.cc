@@ -542,6 +542,7 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
                   int32_t bins) {
   PoolShapes s;
   if (auto err = check_argmax_op_call(true, source, features, rois, out,
+                                      features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
@@ -598,6 +599,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
                    int32_t bins) {
   PoolShapes s;
   if (auto err = check_argmax_op_call(false, cotangent, features, rois, grad,
+                                      features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;

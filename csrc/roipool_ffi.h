@@ -139,13 +139,21 @@ inline ffi::Error check_forward_call(const ffi::AnyBuffer& features,
   return ffi::Error::Success();
 }
 
+// The dtype in which the CUDA scatter accumulates a gradient of dtype t:
+// float32 for the 16-bit floats, so that its atomic adds do not round to 16
+// bits each time.
+inline ffi::DataType accumulator_type(ffi::DataType t) {
+  return t == ffi::DataType::F16 || t == ffi::DataType::BF16 ? ffi::DataType::F32 : t;
+}
+
 // check_pool_call plus the operand and result of a gather (value like
 // features, result pooled) or a scatter (value pooled, result like
-// features); all of the features' dtype.
+// features); the value of the features' dtype, the result of result_type.
 inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        const ffi::AnyBuffer& features,
                                        const ffi::AnyBuffer& rois,
                                        ffi::Result<ffi::AnyBuffer>& result,
+                                       ffi::DataType result_type,
                                        int32_t pooled_h, int32_t pooled_w,
                                        int32_t layout, int32_t bins,
                                        PoolShapes* shapes) {
@@ -158,7 +166,7 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
   if (!shapes->is_pooled(pooled, layout) ||
       !same_dims(like_features, features.dimensions()) ||
       value.element_type() != features.element_type() ||
-      result->element_type() != features.element_type())
+      result->element_type() != result_type)
     return ffi::Error::InvalidArgument(
         gather ? "roi_pool gather: source must be like features, output pooled"
                : "roi_pool scatter: cotangent must be pooled, grad like features");

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "roipool_ffi.h"
@@ -53,10 +54,10 @@ ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
 }
 
 // Launches pool_kernel<kOp> over the output elements of a checked call.
-template <int32_t kOp, typename T, typename C>
+template <int32_t kOp, typename T, typename C, typename Out>
 ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
                   int32_t bins, const T* features, const C* rois, const T* in,
-                  T* out, int32_t* argmax, double spatial_scale,
+                  Out* out, int32_t* argmax, double spatial_scale,
                   const char* what) {
   const PoolDims d{s.p.r * s.p.ph * s.p.pw * s.p.c,
                    s.f.n,
@@ -129,6 +130,7 @@ ffi::Error Gather(cudaStream_t stream, ffi::AnyBuffer source,
                   int32_t bins) {
   PoolShapes s;
   if (auto err = check_argmax_op_call(true, source, features, rois, out,
+                                      features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
@@ -142,7 +144,9 @@ ffi::Error Gather(cudaStream_t stream, ffi::AnyBuffer source,
 
 // grad = 0; grad[cell(o), channel(o)] += cotangent[o] for every output
 // element o of a non-empty bin. Atomic: the summation order (hence the
-// rounding of a cell hit by several bins) is not deterministic.
+// rounding of a cell hit by several bins) is not deterministic. For 16-bit
+// cotangents grad is float32 (accumulator_type), which the lowering converts
+// once to the cotangent's dtype.
 ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
                    ffi::AnyBuffer features, ffi::AnyBuffer rois,
                    ffi::Result<ffi::AnyBuffer> grad, int32_t pooled_h,
@@ -150,6 +154,7 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
                    int32_t bins) {
   PoolShapes s;
   if (auto err = check_argmax_op_call(false, cotangent, features, rois, grad,
+                                      accumulator_type(features.element_type()),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
@@ -160,9 +165,10 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
       err.failure())
     return err;
   return with_typed(features, rois, [&](auto x, auto boxes) {
+    using Acc = typename Value<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>>::Acc;
     return launch<kScatterOp>(stream, s, layout, bins, x, boxes,
                               typed(cotangent.untyped_data(), x),
-                              typed(grad->untyped_data(), x), nullptr,
+                              reinterpret_cast<Acc*>(grad->untyped_data()), nullptr,
                               spatial_scale, "roipool_scatter launch");
   });
 }

@@ -17,8 +17,8 @@ constexpr int kBlockSize = 256;
 
 // ---------------------------------------------------------------------------
 // Element types: 16-bit floats are compared in float; the output of the max
-// is a bit-exact copy of the chosen input element. The scatter adds with
-// native atomics of the element type.
+// is a bit-exact copy of the chosen input element. The scatter adds into a
+// gradient of type Acc (float for the 16-bit types), with native atomics.
 
 template <typename T>
 struct Value {  // float and double
@@ -139,14 +139,16 @@ __device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ features,
 // One thread per output element o (grid-stride):
 // - kForwardOp: out[o] = the max, argmax[o] = its cell (argmax may be null);
 // - kGatherOp: out[o] = in[cell, c] (in: feature-shaped, the tangent);
-// - kScatterOp: out[cell, c] += in[o] (in: output-shaped, the cotangent; out
-//   zeroed before). Native atomicAdd for all four types (__half on sm_70+,
-//   __nv_bfloat16 on sm_80+), so a cell's sum is in no fixed order.
-// The argmax of gather and scatter is the forward's, recomputed.
-template <int32_t kOp, typename T, typename C, int32_t kLayout>
+// - kScatterOp: out[cell, c] += in[o] (in: output-shaped, the cotangent;
+//   out: feature-shaped, of type Value<T>::Acc, zeroed before). atomicAdd on
+//   float or double, so a cell's sum is in no fixed order; float atomics
+//   flush subnormal sums to zero (PTX atom.add.f32), as torchvision's do.
+// Out is T except for the scatter. The argmax of gather and scatter is the
+// forward's, recomputed.
+template <int32_t kOp, typename T, typename C, int32_t kLayout, typename Out>
 __global__ void __launch_bounds__(kBlockSize)
     pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
-                const T* __restrict__ in, T* __restrict__ out,
+                const T* __restrict__ in, Out* __restrict__ out,
                 int32_t* __restrict__ argmax, PoolDims d, C scale) {
   const int64_t plane = int64_t(d.h) * d.w;
   for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kBlockSize)
       if (kOp == kGatherOp)
         out[o] = in[at];
       else
-        atomicAdd(out + at, in[o]);
+        atomicAdd(out + at, Value<T>::load(in[o]));
     } else if (kOp == kGatherOp) {
       out[o] = Value<T>::zero();  // empty bin
     }

@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import mlir
 
 from . import _primitives
@@ -59,7 +61,25 @@ def _argmax_op_lowering(target: str):
     return lowering
 
 
-def _register(module, xla_platform: str, lowering_platform: str) -> None:
+# The CUDA scatter adds 16-bit cotangents atomically into a float32 gradient
+# (see accumulator_type in csrc/roipool_ffi.h), converted once afterwards, as
+# the CPU kernel rounds its float32 sums once.
+_CUDA_ACCUMULATOR = {np.dtype(jnp.float16): np.dtype(np.float32),
+                     np.dtype(jnp.bfloat16): np.dtype(np.float32)}
+
+
+def _cuda_scatter_lowering(ctx, cotangent, features, rois, **config):
+    (grad_aval,) = ctx.avals_out
+    acc_dtype = _CUDA_ACCUMULATOR.get(np.dtype(grad_aval.dtype))
+    scatter = jax.ffi.ffi_lowering("roipool_scatter")
+    if acc_dtype is None:
+        return scatter(ctx, cotangent, features, rois, **_pool_attrs(**config))
+    acc_ctx = ctx.replace(avals_out=[grad_aval.update(dtype=acc_dtype)])
+    (total,) = scatter(acc_ctx, cotangent, features, rois, **_pool_attrs(**config))
+    return [stablehlo.convert(mlir.aval_to_ir_type(ctx.module_context, grad_aval), total)]
+
+
+def _register(module, xla_platform: str, lowering_platform: str, scatter_lowering) -> None:
     registrations = module.registrations()
     assert set(registrations) == set(FFI_TARGETS), sorted(registrations)
     for name, capsule in registrations.items():
@@ -68,8 +88,7 @@ def _register(module, xla_platform: str, lowering_platform: str) -> None:
     mlir.register_lowering(_primitives.roi_pool_p, _forward_lowering, platform=lowering_platform)
     mlir.register_lowering(_primitives.gather_p, _argmax_op_lowering("roipool_gather"),
                            platform=lowering_platform)
-    mlir.register_lowering(_primitives.scatter_p, _argmax_op_lowering("roipool_scatter"),
-                           platform=lowering_platform)
+    mlir.register_lowering(_primitives.scatter_p, scatter_lowering, platform=lowering_platform)
 
 
 def _cuda_module():
@@ -81,7 +100,7 @@ def _cuda_module():
         return None
 
 
-_register(_load("_cpu"), "cpu", "cpu")
+_register(_load("_cpu"), "cpu", "cpu", _argmax_op_lowering("roipool_scatter"))
 cuda = _cuda_module()
 if cuda is not None:
-    _register(cuda, "CUDA", "cuda")
+    _register(cuda, "CUDA", "cuda", _cuda_scatter_lowering)
