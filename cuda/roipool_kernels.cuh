@@ -153,16 +153,16 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t plane = int64_t(d.h) * d.w;
   for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
     const BinMax<T> m = bin_max<T, C, kLayout>(features, rois, d, scale, o);
-    if (kOp == kForwardOp) {
+    if constexpr (kOp == kForwardOp) {
       out[o] = m.value;
       if (argmax) argmax[o] = int32_t(m.cell);
     } else if (m.cell >= 0) {
       const int64_t at = cell_offset(m.cell, m.channel, d.channels, plane, kLayout);
-      if (kOp == kGatherOp)
+      if constexpr (kOp == kGatherOp)
         out[o] = in[at];
       else
         atomicAdd(out + at, Value<T>::load(in[o]));
-    } else if (kOp == kGatherOp) {
+    } else if constexpr (kOp == kGatherOp) {
       out[o] = Value<T>::zero();  // empty bin
     }
   }

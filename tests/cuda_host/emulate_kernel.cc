@@ -1,0 +1,95 @@
+// Runs the CUDA kernel body of cuda/roipool_kernels.cuh on the host, one
+// "thread" at a time, so that tests can compare it with the CPU kernels on a
+// machine without a GPU. Compiled by tests/test_cuda_kernel_on_host.py with
+// the host C++ compiler and the CUDA toolkit's headers (for __half and
+// __nv_bfloat16, which have host implementations). Only the launch is
+// emulated: a grid of one single-thread block walks every element through
+// the kernel's grid-stride loop, and atomicAdd is a plain add.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#define __global__
+#define __device__
+#define __launch_bounds__(threads)
+
+struct EmulatedDim3 {
+  unsigned x, y, z;
+};
+static const EmulatedDim3 blockIdx{0, 0, 0}, threadIdx{0, 0, 0};
+static const EmulatedDim3 blockDim{1, 1, 1}, gridDim{1, 1, 1};
+
+inline float atomicAdd(float* at, float v) {
+  const float old = *at;
+  *at = old + v;
+  return old;
+}
+inline double atomicAdd(double* at, double v) {
+  const double old = *at;
+  *at = old + v;
+  return old;
+}
+
+#include "roipool_kernels.cuh"
+
+namespace {
+
+using namespace roipool;
+
+template <int32_t kOp, typename T, typename C, typename Out>
+void run(int32_t layout, const PoolDims& d, const void* features,
+         const void* rois, const void* in, void* out, int32_t* argmax,
+         double scale) {
+  auto* f = static_cast<const T*>(features);
+  auto* r = static_cast<const C*>(rois);
+  auto* i = static_cast<const T*>(in);
+  auto* o = static_cast<Out*>(out);
+  if (layout == kNHWC)
+    pool_kernel<kOp, T, C, kNHWC, Out>(f, r, i, o, argmax, d, C(scale));
+  else
+    pool_kernel<kOp, T, C, kNCHW, Out>(f, r, i, o, argmax, d, C(scale));
+}
+
+// The scatter writes Value<T>::Acc, as the CUDA handler does.
+template <typename T, typename C>
+void run_op(int32_t op, int32_t layout, const PoolDims& d, const void* features,
+            const void* rois, const void* in, void* out, int32_t* argmax,
+            double scale) {
+  if (op == kForwardOp)
+    run<kForwardOp, T, C, T>(layout, d, features, rois, in, out, argmax, scale);
+  else if (op == kGatherOp)
+    run<kGatherOp, T, C, T>(layout, d, features, rois, in, out, argmax, scale);
+  else
+    run<kScatterOp, T, C, typename Value<T>::Acc>(layout, d, features, rois,
+                                                  in, out, argmax, scale);
+}
+
+}  // namespace
+
+// dtype: 0 float16, 1 bfloat16, 2 float32, 3 float64 (rois float32 for the
+// first three, float64 for float64). `out` must be zeroed for the scatter.
+extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
+                                   int32_t dtype, int64_t n, int32_t h,
+                                   int32_t w, int64_t c, int64_t r, int32_t ph,
+                                   int32_t pw, double scale,
+                                   const void* features, const void* rois,
+                                   const void* in, void* out, int32_t* argmax) {
+  const PoolDims d{r * ph * pw * c, n, h, w, c, ph, pw, bins};
+  switch (dtype) {
+    case 0:
+      run_op<__half, float>(op, layout, d, features, rois, in, out, argmax, scale);
+      return 0;
+    case 1:
+      run_op<__nv_bfloat16, float>(op, layout, d, features, rois, in, out, argmax,
+                                   scale);
+      return 0;
+    case 2:
+      run_op<float, float>(op, layout, d, features, rois, in, out, argmax, scale);
+      return 0;
+    case 3:
+      run_op<double, double>(op, layout, d, features, rois, in, out, argmax, scale);
+      return 0;
+  }
+  return 1;
+}

@@ -1,0 +1,164 @@
+"""The CUDA kernel body (cuda/roipool_kernels.cuh), run on the host, against the CPU kernels.
+
+No GPU needed: tests/cuda_host/emulate_kernel.cc compiles the kernel with the
+host C++ compiler and the CUDA toolkit's headers and walks every element
+through it serially. This checks everything the kernel computes (bins,
+ties, NaN, invalid RoIs, 16-bit types, both layouts, the scatter's
+accumulator type) on every CI run; what it cannot check (the launch,
+atomics, the FFI handlers on a device) is tests/test_gpu.py's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roipool as jrp
+from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_exact, dtype_id,
+                      feature_shape, random_features, random_rois, x64_for)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OPS = {"forward": 0, "gather": 1, "scatter": 2}  # roipool::Op
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+
+
+def cuda_include_dir() -> str | None:
+    """The CUDA toolkit's include directory, as nvcc itself reports it."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+                         capture_output=True, text=True)
+    for include in re.findall(r'INCLUDES="-I([^"]+)"', dry.stdout + dry.stderr):
+        include = include.strip()
+        if os.path.exists(os.path.join(include, "cuda_fp16.h")):
+            return include
+    return None
+
+
+INCLUDE = cuda_include_dir()
+CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+pytestmark = pytest.mark.skipif(
+    INCLUDE is None or CXX is None,
+    reason="no CUDA toolkit (nvcc) or host C++ compiler to build the CUDA kernel for the host")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    library = str(tmp_path_factory.mktemp("cuda_host") / "emulate_kernel.so")
+    subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-w",
+                    "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "cuda"),
+                    "-I", INCLUDE, os.path.join(HERE, "cuda_host", "emulate_kernel.cc"),
+                    "-o", library], check=True)
+    fn = ctypes.CDLL(library).emulate_pool_kernel
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_int32] * 4 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                                           ctypes.c_int32, ctypes.c_double]
+                   + [ctypes.c_void_p] * 5)
+    return fn
+
+
+def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins):
+    """The kernel's results as numpy arrays: (out, argmax) for the forward,
+    out for gather, the (float32 for 16-bit) accumulator for scatter."""
+    n, h, w, c = (features.shape if layout == "NHWC" else
+                  (features.shape[0], features.shape[2], features.shape[3], features.shape[1]))
+    pooled_shape = feature_shape(len(rois), pooled[0], pooled[1], c, layout)
+    dtype = np.dtype(features.dtype)
+    if op == "scatter":
+        out = np.zeros(features.shape, np.float64 if dtype == np.float64 else np.float32)
+    else:
+        out = np.zeros(pooled_shape, dtype)
+    argmax = np.zeros(pooled_shape, np.int32) if op == "forward" else None
+    features, rois = np.ascontiguousarray(features), np.ascontiguousarray(rois)
+    value = None if value is None else np.ascontiguousarray(value)
+    pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    status = kernel(OPS[op], LAYOUTS.index(layout), BINS.index(bins), DTYPE_CODES[dtype.name],
+                    n, h, w, c, len(rois), pooled[0], pooled[1], scale, pointer(features),
+                    pointer(rois), pointer(value), pointer(out), pointer(argmax))
+    assert status == 0
+    return (out, argmax) if op == "forward" else out
+
+
+def assert_same_bits(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    wide = got.astype(np.float64), want.astype(np.float64)
+    assert np.array_equal(np.isnan(wide[0]), np.isnan(wide[1])), f"{what}: NaN positions differ"
+    bits = np.dtype(f"u{got.dtype.itemsize}")
+    keep = ~np.isnan(wide[0])
+    assert np.array_equal(got.view(bits)[keep], want.view(bits)[keep]), f"{what}: bits differ"
+
+
+def case(seed, dtype, layout):
+    """A random map (ties, NaN and -inf in some seeds) and random plus adversarial rois."""
+    rng = np.random.default_rng(seed)
+    n, h, w = int(rng.integers(1, 4)), int(rng.integers(1, 26)), int(rng.integers(1, 26))
+    c = int(rng.choice([1, 3, 16, 33]))
+    scale = SCALES[seed % len(SCALES)]
+    features = random_features(rng, feature_shape(n, h, w, c, layout), dtype,
+                               ("normal", "ties")[seed % 2])
+    if seed % 3 == 2:
+        flat = features.reshape(-1)
+        flat[rng.choice(flat.size, max(1, flat.size // 20), replace=False)] = np.nan
+        flat[rng.choice(flat.size, max(1, flat.size // 20), replace=False)] = -np.inf
+    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    rois = np.concatenate([random_rois(rng, n, h, w, int(rng.integers(0, 80)), scale),
+                           adversarial_rois(n, h, w, scale)]).astype(rois_dtype)
+    pooled = (int(rng.integers(1, 9)), int(rng.integers(1, 9)))
+    return rng, features, rois, pooled, scale
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_kernel_matches_cpu(kernel, dtype, layout, bins, seed):
+    rng, features, rois, pooled, scale = case(seed, dtype, layout)
+    config = dict(output_size=pooled, spatial_scale=scale, layout=layout, bins=bins)
+    source = random_features(rng, features.shape, dtype)
+    out_shape = feature_shape(len(rois), pooled[0], pooled[1], features.shape[-1]
+                              if layout == "NHWC" else features.shape[1], layout)
+    cotangent = rng.integers(-2, 3, out_shape).astype(dtype)  # sums exact in any order
+
+    with x64_for(dtype):
+        want_out, want_arg = jrp.roi_pool_with_argmax(features, rois, **config)
+        want_gather = jax.jvp(lambda x: jrp.roi_pool(x, rois, **config), (features,),
+                              (source,))[1]
+        want_grad = jax.vjp(lambda x: jrp.roi_pool(x, rois, **config), features)[1](
+            cotangent)[0]
+
+    out, arg = emulate(kernel, "forward", features, rois, None, pooled, scale, layout, bins)
+    assert_same_bits(out, want_out, "forward output")
+    assert_exact(arg, np.asarray(want_arg), "forward argmax")
+    gathered = emulate(kernel, "gather", features, rois, source, pooled, scale, layout, bins)
+    assert_same_bits(gathered, want_gather, "gather")
+    accumulator = emulate(kernel, "scatter", features, rois, cotangent, pooled, scale, layout,
+                          bins)
+    # 16-bit gradients come out of the kernel in float32; the CUDA lowering
+    # converts them (round to nearest even, as numpy's astype).
+    assert_same_bits(accumulator.astype(features.dtype), want_grad, "scatter")
+
+
+def test_scatter_accumulates_16_bit_sums_in_float32(kernel):
+    # One cell is the maximum of 300 bins: in bfloat16 a running sum of ones
+    # would stop at 256 (256 + 1 rounds to 256); the float32 accumulator does not.
+    features = np.zeros((1, 4, 4, 2), jnp.bfloat16)
+    features[0, 1, 2] = 5
+    rois = np.tile(np.array([[0, 0, 0, 3, 3]], np.float32), (300, 1))
+    cotangent = np.ones((300, 1, 1, 2), jnp.bfloat16)
+    accumulator = emulate(kernel, "scatter", features, rois, cotangent, (1, 1), 1.0, "NHWC",
+                          "fast_rcnn")
+    assert accumulator.dtype == np.float32
+    assert accumulator[0, 1, 2].tolist() == [300.0, 300.0]
+    assert np.count_nonzero(accumulator) == 2
