@@ -174,6 +174,21 @@ def check_case(features, rois, output_size, spatial_scale=1.0, *, layout="NHWC",
     return out, arg
 
 
+def assert_bitwise(got, want, what):
+    """Same bits, except that any NaN matches any NaN."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if got.dtype.kind == "i":
+        assert_exact(got, want, what)
+        return
+    bits = np.dtype(f"u{got.dtype.itemsize}")
+    g64, w64 = got.astype(np.float64), want.astype(np.float64)
+    assert np.array_equal(np.isnan(g64), np.isnan(w64)), f"{what}: NaN positions differ"
+    keep = ~np.isnan(g64)
+    assert np.array_equal(got.view(bits)[keep], want.view(bits)[keep]), \
+        f"{what}: {np.sum(got.view(bits)[keep] != want.view(bits)[keep])} elements differ"
+
+
 def adversarial_rois(n, h, w, spatial_scale=1.0, dtype=np.float32):
     """Fixed hard cases: invalid batch indices, non-finite and huge coordinates,
     corners at .5 boundaries, inverted, empty and whole-map boxes."""

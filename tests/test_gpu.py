@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import jax_roipool as jrp
-from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_exact, dtype_id,
-                      feature_shape, random_features, random_rois, x64_for)
+from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
+                      assert_exact, dtype_id, feature_shape, random_features, random_rois,
+                      x64_for)
 
 
 def _gpus():
@@ -44,21 +45,6 @@ def run_on(device, fn, *args):
     for leaf in leaves:
         assert leaf.devices() == {device}, (leaf.devices(), device)
     return jax.tree_util.tree_map(np.asarray, result)
-
-
-def assert_bitwise(got, want, what):
-    """Same bits, except that any NaN matches any NaN."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, what
-    if got.dtype.kind == "i":
-        assert_exact(got, want, what)
-        return
-    bits = np.dtype(f"u{got.dtype.itemsize}")
-    g64, w64 = got.astype(np.float64), want.astype(np.float64)
-    assert np.array_equal(np.isnan(g64), np.isnan(w64)), f"{what}: NaN positions differ"
-    keep = ~np.isnan(g64)
-    assert np.array_equal(got.view(bits)[keep], want.view(bits)[keep]), \
-        f"{what}: {np.sum(got.view(bits)[keep] != want.view(bits)[keep])} elements differ"
 
 
 def forward_fn(pooled, scale, layout, bins):
