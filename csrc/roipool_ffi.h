@@ -169,7 +169,8 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
       result->element_type() != result_type)
     return ffi::Error::InvalidArgument(
         gather ? "roi_pool gather: source must be like features, output pooled"
-               : "roi_pool scatter: cotangent must be pooled, grad like features");
+               : "roi_pool scatter: cotangent must be pooled, grad like features "
+                 "(float32 for 16-bit features on CUDA)");
   return ffi::Error::Success();
 }
 

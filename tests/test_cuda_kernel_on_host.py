@@ -46,19 +46,20 @@ def cuda_include_dir() -> str | None:
     return None
 
 
-INCLUDE = cuda_include_dir()
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 pytestmark = pytest.mark.skipif(
-    INCLUDE is None or CXX is None,
+    shutil.which("nvcc") is None or CXX is None,
     reason="no CUDA toolkit (nvcc) or host C++ compiler to build the CUDA kernel for the host")
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
+    include = cuda_include_dir()
+    assert include, "nvcc is on PATH, but `nvcc --dryrun` names no include dir with cuda_fp16.h"
     library = str(tmp_path_factory.mktemp("cuda_host") / "emulate_kernel.so")
     subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-w",
                     "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "cuda"),
-                    "-I", INCLUDE, os.path.join(HERE, "cuda_host", "emulate_kernel.cc"),
+                    "-I", include, os.path.join(HERE, "cuda_host", "emulate_kernel.cc"),
                     "-o", library], check=True)
     fn = ctypes.CDLL(library).emulate_pool_kernel
     fn.restype = ctypes.c_int
