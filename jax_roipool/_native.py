@@ -64,18 +64,16 @@ def _argmax_op_lowering(target: str):
 # The CUDA scatter adds 16-bit cotangents atomically into a float32 gradient
 # (see accumulator_type in csrc/roipool_ffi.h), converted once afterwards, as
 # the CPU kernel rounds its float32 sums once.
-_CUDA_ACCUMULATOR = {np.dtype(jnp.float16): np.dtype(np.float32),
-                     np.dtype(jnp.bfloat16): np.dtype(np.float32)}
+_SUMMED_IN_FLOAT32 = frozenset(map(np.dtype, (jnp.float16, jnp.bfloat16)))
 
 
 def _cuda_scatter_lowering(ctx, cotangent, features, rois, **config):
+    scatter = _argmax_op_lowering("roipool_scatter")
     (grad_aval,) = ctx.avals_out
-    acc_dtype = _CUDA_ACCUMULATOR.get(np.dtype(grad_aval.dtype))
-    scatter = jax.ffi.ffi_lowering("roipool_scatter")
-    if acc_dtype is None:
-        return scatter(ctx, cotangent, features, rois, **_pool_attrs(**config))
-    acc_ctx = ctx.replace(avals_out=[grad_aval.update(dtype=acc_dtype)])
-    (total,) = scatter(acc_ctx, cotangent, features, rois, **_pool_attrs(**config))
+    if np.dtype(grad_aval.dtype) not in _SUMMED_IN_FLOAT32:
+        return scatter(ctx, cotangent, features, rois, **config)
+    acc_ctx = ctx.replace(avals_out=[grad_aval.update(dtype=np.dtype(np.float32))])
+    (total,) = scatter(acc_ctx, cotangent, features, rois, **config)
     return [stablehlo.convert(mlir.aval_to_ir_type(ctx.module_context, grad_aval), total)]
 
 
