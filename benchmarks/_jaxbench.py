@@ -17,8 +17,11 @@ NATIVE_TARGETS = ("roipool_forward", "roipool_scatter")
 def versions() -> dict[str, str]:
     import jaxlib
 
+    from jax_roipool import _cpu
+
     out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-           "jax_roipool": getattr(jax_roipool, "__version__", "?"), "numpy": np.__version__}
+           "jax_roipool": getattr(jax_roipool, "__version__", "?"), "numpy": np.__version__,
+           "cpu_kernels": _cpu.cpu_isa()}
     try:
         dev = jax.devices()[0]
         out["jax_backend"] = jax.default_backend()

@@ -109,7 +109,8 @@ def host_info() -> dict[str, Any]:
         "env": {k: os.environ[k] for k in sorted(os.environ)
                 if k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES",
                          "LD_PRELOAD", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                         "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES")},
+                         "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES",
+                         "JAX_ROIPOOL_CPU_ISA") or k.startswith("MALLOC_")},
         "loadavg": load_average(),
         "transparent_hugepage": _read_first("/sys/kernel/mm/transparent_hugepage/enabled"),
     }

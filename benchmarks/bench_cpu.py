@@ -224,8 +224,8 @@ def run(args) -> int:
     host = info["host"]
     print(f"cpu: {host['cpu']}; {host['usable_cpus']} usable of {host['cpu_count']} cpus")
     v = info["versions"]
-    print(f"jax {v['jax']}, jaxlib {v['jaxlib']}, jax_roipool {v['jax_roipool']}, "
-          f"numpy {v['numpy']}, python {host['python']}")
+    print(f"jax {v['jax']}, jaxlib {v['jaxlib']}, jax_roipool {v['jax_roipool']} "
+          f"({v['cpu_kernels']} CPU kernels), numpy {v['numpy']}, python {host['python']}")
     if host["env"]:
         print(f"env: {host['env']}")
     print(f"load average at start: {host['loadavg']} (anything else running skews the "
@@ -397,8 +397,8 @@ def run(args) -> int:
              f"- cpu: {host['cpu']}, {host['usable_cpus']} usable cpus, load average at "
              f"start {host['loadavg']}, end {_timing.load_average()}"
              + (f", env {host['env']}" if host["env"] else ""),
-             f"- jax {v['jax']}, jaxlib {v['jaxlib']}, jax_roipool {v['jax_roipool']}, "
-             f"numpy {v['numpy']}, python {host['python']}"]
+             f"- jax {v['jax']}, jaxlib {v['jaxlib']}, jax_roipool {v['jax_roipool']} "
+             f"({v['cpu_kernels']} CPU kernels), numpy {v['numpy']}, python {host['python']}"]
     if "torch" in info:
         t = info["torch"]
         lines.append(f"- torch {t['torch']}, torchvision {t['torchvision']} "

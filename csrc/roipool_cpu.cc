@@ -10,6 +10,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -20,7 +21,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#if defined(__SSE__)
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#elif defined(__SSE__)
 #include <xmmintrin.h>
 #endif
 
@@ -180,14 +183,61 @@ void advise_huge_pages(void* data, size_t bytes) {
 // Pooling: max over each bin, and its cell index.
 
 // Pooling is the hot spot of every kernel (NCHW ones pool from an NHWC
-// copy). pool_bins_nhwc_as is compiled for AVX2 and for the baseline ISA,
-// picked at load time, with everything it calls inlined into each clone.
+// copy). Its bin loop is compiled once per instruction set, with everything
+// it calls inlined (ROIPOOL_FLATTEN), and pool_bins_nhwc picks the build for
+// the CPU at run time (cpu_isa): on x86-64 the baseline ISA, AVX2 and
+// AVX-512; elsewhere the baseline only.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#define ROIPOOL_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define ROIPOOL_X86_ISAS 1
+#define ROIPOOL_TARGET_AVX2 __attribute__((target("avx2")))
+#define ROIPOOL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
 #else
-#define ROIPOOL_VECTOR_CLONES
+#define ROIPOOL_X86_ISAS 0
 #endif
 #define ROIPOOL_INLINE inline __attribute__((always_inline))
+#define ROIPOOL_FLATTEN __attribute__((flatten))
+
+// The widest instruction set this CPU runs.
+Isa best_isa() {
+#if ROIPOOL_X86_ISAS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+// The instruction set the kernels use: best_isa, capped by
+// JAX_ROIPOOL_CPU_ISA ("baseline", "avx2" or "avx512", so that the tests can
+// run every build on one machine). Read once, at the first call; the Python
+// side rejects other values before any kernel runs.
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const char* cap = std::getenv("JAX_ROIPOOL_CPU_ISA");
+    const Isa capped = cap == nullptr                    ? Isa::kAvx512
+                       : std::strcmp(cap, "baseline") == 0 ? Isa::kBaseline
+                       : std::strcmp(cap, "avx2") == 0     ? Isa::kAvx2
+                                                           : Isa::kAvx512;
+    return std::min(best_isa(), capped);
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
 
 // Fold one more cell (its `channels` values) into the running maxima of a
 // bin, and (kArgmax) its index into their cells. Each lane loads the old
@@ -240,45 +290,109 @@ ROIPOOL_INLINE void pool_channels(const T* first, const BinCells& b,
   if constexpr (kArgmax) std::copy(best_cell + c0, best_cell + c1, arg + c0);
 }
 
-// float32, the hot loop of all three kernels: channels [0, 16) of a bin,
-// whose running maxima (and cells, kArgmax) stay in 8-lane registers while
-// the bin's cells stream through, into out / arg.
+// float32, the hot loop of all three kernels, for AVX2 and AVX-512: channels
+// [0, lanes * kVecs) of a bin, whose running maxima (and cells, kArgmax)
+// stay in registers while the bin's cells stream through, into out / arg.
+// Folding a cell into a register is a chain of dependent instructions
+// (compare, blend), so several registers, independent chains, keep the core
+// busy. The baseline ISA pools float32 with pool_channels, like the other
+// types.
+// AVX2 is written with GCC vector extensions (GCC turns the blendv
+// intrinsics into an extra compare per blend), AVX-512 with intrinsics (its
+// masks). Each carries its target: GCC lowers a function's vector code for
+// the function's own target, before inlining.
+#if ROIPOOL_X86_ISAS
 typedef float F32x8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t I32x8 __attribute__((vector_size(32), aligned(4), may_alias));
 
-template <bool kArgmax>
-ROIPOOL_INLINE void pool_block_f32(const float* __restrict first,
-                                   const BinCells& b, float* __restrict out,
-                                   int32_t* __restrict arg) {
-  F32x8 b0 = *reinterpret_cast<const F32x8*>(first);
-  F32x8 b1 = *reinterpret_cast<const F32x8*>(first + 8);
-  I32x8 c0 = I32x8{} + b.first_cell, c1 = c0;
+template <bool kArgmax, int kVecs>
+ROIPOOL_TARGET_AVX2 inline void pool_block_f32_avx2(const float* __restrict first,
+                                                    const BinCells& b,
+                                                    float* __restrict out,
+                                                    int32_t* __restrict arg) {
+  F32x8 best[kVecs];
+  I32x8 cell[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    best[v] = *reinterpret_cast<const F32x8*>(first + 8 * v);
+    cell[v] = I32x8{} + b.first_cell;
+  }
   for (int32_t h = 0; h < b.sy.end - b.sy.begin; ++h) {
     // Cell index at (h, 0); a valid cell, so it fits in int32.
     const int32_t row_cell = b.first_cell + h * int32_t(b.width);
     const float* px = first + h * b.width * b.stride;
     // The first cell is already folded in.
     for (int32_t w = h == 0 ? 1 : 0; w < b.sx.end - b.sx.begin; ++w) {
-      const F32x8 x0 = *reinterpret_cast<const F32x8*>(px + w * b.stride);
-      const F32x8 x1 = *reinterpret_cast<const F32x8*>(px + w * b.stride + 8);
-      // replaces_max, lane-wise: !(x <= best) && best == best.
-      const I32x8 t0 = ~(x0 <= b0) & (b0 == b0), t1 = ~(x1 <= b1) & (b1 == b1);
-      if constexpr (kArgmax) {
-        const I32x8 cell = I32x8{} + (row_cell + w);
-        c0 = t0 ? cell : c0;
-        c1 = t1 ? cell : c1;
+      const I32x8 here = I32x8{} + (row_cell + w);
+      for (int v = 0; v < kVecs; ++v) {
+        const F32x8 x = *reinterpret_cast<const F32x8*>(px + w * b.stride + 8 * v);
+        // replaces_max, lane-wise: !(x <= best) && best == best.
+        const I32x8 take = ~(x <= best[v]) & (best[v] == best[v]);
+        if constexpr (kArgmax) cell[v] = take ? here : cell[v];
+        best[v] = take ? x : best[v];
       }
-      b0 = t0 ? x0 : b0;
-      b1 = t1 ? x1 : b1;
     }
   }
-  *reinterpret_cast<F32x8*>(out) = b0;
-  *reinterpret_cast<F32x8*>(out + 8) = b1;
-  if constexpr (kArgmax) {
-    *reinterpret_cast<I32x8*>(arg) = c0;
-    *reinterpret_cast<I32x8*>(arg + 8) = c1;
+  for (int v = 0; v < kVecs; ++v) {
+    *reinterpret_cast<F32x8*>(out + 8 * v) = best[v];
+    if constexpr (kArgmax) *reinterpret_cast<I32x8*>(arg + 8 * v) = cell[v];
   }
 }
+
+template <bool kArgmax, int kVecs>
+ROIPOOL_TARGET_AVX512 inline void pool_block_f32_avx512(
+    const float* __restrict first, const BinCells& b, float* __restrict out,
+    int32_t* __restrict arg) {
+  __m512 best[kVecs];
+  __m512i cell[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    best[v] = _mm512_loadu_ps(first + 16 * v);
+    cell[v] = _mm512_set1_epi32(b.first_cell);
+  }
+  for (int32_t h = 0; h < b.sy.end - b.sy.begin; ++h) {
+    const int32_t row_cell = b.first_cell + h * int32_t(b.width);
+    const float* px = first + h * b.width * b.stride;
+    for (int32_t w = h == 0 ? 1 : 0; w < b.sx.end - b.sx.begin; ++w) {
+      const __m512i here = _mm512_set1_epi32(row_cell + w);
+      for (int v = 0; v < kVecs; ++v) {
+        const __m512 x = _mm512_loadu_ps(px + w * b.stride + 16 * v);
+        // replaces_max: !(x <= best) && best == best.
+        const __mmask16 take = _mm512_cmp_ps_mask(x, best[v], _CMP_NLE_UQ) &
+                               _mm512_cmp_ps_mask(best[v], best[v], _CMP_EQ_OQ);
+        if constexpr (kArgmax) cell[v] = _mm512_mask_mov_epi32(cell[v], take, here);
+        best[v] = _mm512_mask_mov_ps(best[v], take, x);
+      }
+    }
+  }
+  for (int v = 0; v < kVecs; ++v) {
+    _mm512_storeu_ps(out + 16 * v, best[v]);
+    if constexpr (kArgmax) _mm512_storeu_si512(arg + 16 * v, cell[v]);
+  }
+}
+
+// Pools the float32 channels [0, n) of a bin in as many whole register
+// blocks as fit; returns how many it pooled. The widest blocks hold the most
+// chains that fit the ISA's registers without spilling.
+template <Isa kIsa, bool kArgmax>
+ROIPOOL_INLINE int64_t pool_blocks_f32(const float* first, const BinCells& b,
+                                       int64_t n, float* out, int32_t* arg) {
+  int64_t c = 0;
+  auto arg_at = [arg](int64_t c) { return kArgmax ? arg + c : nullptr; };
+  if constexpr (kIsa == Isa::kAvx512) {
+    for (; c + 64 <= n; c += 64)
+      pool_block_f32_avx512<kArgmax, 4>(first + c, b, out + c, arg_at(c));
+    for (; c + 16 <= n; c += 16)
+      pool_block_f32_avx512<kArgmax, 1>(first + c, b, out + c, arg_at(c));
+  } else if constexpr (kIsa == Isa::kAvx2) {
+    // 16 registers: tracking cells as well takes twice as many per chain.
+    constexpr int kVecs = kArgmax ? 4 : 8;
+    for (; c + 8 * kVecs <= n; c += 8 * kVecs)
+      pool_block_f32_avx2<kArgmax, kVecs>(first + c, b, out + c, arg_at(c));
+    for (; c + 8 <= n; c += 8)
+      pool_block_f32_avx2<kArgmax, 1>(first + c, b, out + c, arg_at(c));
+  }
+  return c;
+}
+#endif  // ROIPOOL_X86_ISAS
 
 // The channels [begin, begin + count) of every cell: all of C, or the block
 // one worker of a channel-split scatter owns.
@@ -286,25 +400,39 @@ struct Channels {
   int64_t begin, count;
 };
 
-// Pools the bins [k_begin, k_end) (flat ph * PW + pw) of one RoI, channels
-// `ch`, from an NHWC image [H, W, C] into out[(k - k_begin) * ch.count + j]
-// (channel ch.begin + j), and (kArgmax) their cells into argmax likewise.
-// `best` and `best_cell` hold ch.count values.
-template <bool kArgmax, typename T, typename C>
-ROIPOOL_VECTOR_CLONES void pool_bins_nhwc_as(
-    const T* image, const RoiGrid<C>& g, const FeatureShape& f,
-    const PooledShape& p, int32_t bins, const Channels& ch, int64_t k_begin,
-    int64_t k_end, T* out, int32_t* argmax, typename Element<T>::Acc* best,
-    int32_t* best_cell) {
+// The bins [k_begin, k_end) (flat ph * PW + pw) of one RoI, channels `ch`,
+// of an NHWC image [H, W, C], to pool into out[(k - k_begin) * ch.count + j]
+// (channel ch.begin + j), and (argmax non-null) their cells into argmax
+// likewise. `best` and `best_cell` are scratch for ch.count values.
+template <typename T, typename C>
+struct BinJob {
+  const T* image;
+  const RoiGrid<C>& g;
+  const FeatureShape& f;
+  const PooledShape& p;
+  int32_t bins;
+  Channels ch;
+  int64_t k_begin, k_end;
+  T* out;
+  int32_t* argmax;
+  typename Element<T>::Acc* best;
+  int32_t* best_cell;
+};
+
+template <Isa kIsa, bool kArgmax, typename T, typename C>
+ROIPOOL_INLINE void pool_bins_nhwc_loop(const BinJob<T, C>& job) {
   using Acc = typename Element<T>::Acc;
+  const RoiGrid<C>& g = job.g;
+  const FeatureShape& f = job.f;
+  const PooledShape& p = job.p;
   const int32_t row0 = int32_t(g.batch * f.h);
-  const int64_t nc = ch.count;
-  for (int64_t k = k_begin; k < k_end; ++k) {
+  const int64_t nc = job.ch.count;
+  for (int64_t k = job.k_begin; k < job.k_end; ++k) {
     const int32_t ph = int32_t(k / p.pw), pw = int32_t(k % p.pw);
-    const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), bins);
-    const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), bins);
-    T* y = out + (k - k_begin) * nc;
-    int32_t* arg = kArgmax ? argmax + (k - k_begin) * nc : nullptr;
+    const Span sy = bin_span(g.y, ph, int32_t(p.ph), int32_t(f.h), job.bins);
+    const Span sx = bin_span(g.x, pw, int32_t(p.pw), int32_t(f.w), job.bins);
+    T* y = job.out + (k - job.k_begin) * nc;
+    int32_t* arg = kArgmax ? job.argmax + (k - job.k_begin) * nc : nullptr;
     if (!g.valid || sy.empty() || sx.empty()) {
       std::fill(y, y + nc, Element<T>::store(Acc(0)));
       if constexpr (kArgmax) std::fill(arg, arg + nc, -1);
@@ -312,29 +440,56 @@ ROIPOOL_VECTOR_CLONES void pool_bins_nhwc_as(
     }
     const BinCells cells{sy, sx, f.w, f.c,
                          (row0 + sy.begin) * int32_t(f.w) + sx.begin};
-    const T* first = image + (int64_t(sy.begin) * f.w + sx.begin) * f.c + ch.begin;
+    const T* first =
+        job.image + (int64_t(sy.begin) * f.w + sx.begin) * f.c + job.ch.begin;
     int64_t c0 = 0;  // channels [0, c0) done
-    if constexpr (std::is_same_v<T, float>) {
-      for (; c0 + 16 <= nc; c0 += 16)
-        pool_block_f32<kArgmax>(first + c0, cells, y + c0,
-                                kArgmax ? arg + c0 : nullptr);
-    }
-    if (c0 < nc) pool_channels<kArgmax>(first, cells, c0, nc, y, arg, best, best_cell);
+#if ROIPOOL_X86_ISAS
+    if constexpr (std::is_same_v<T, float>)
+      c0 = pool_blocks_f32<kIsa, kArgmax>(first, cells, nc, y, arg);
+#endif
+    if (c0 < nc)
+      pool_channels<kArgmax>(first, cells, c0, nc, y, arg, job.best, job.best_cell);
   }
 }
 
-// The same, with the cells when argmax is non-null.
+// The bin loop of each instruction set, everything inlined into it.
+template <bool kArgmax, typename T, typename C>
+ROIPOOL_FLATTEN void pool_bins_baseline(const BinJob<T, C>& job) {
+  pool_bins_nhwc_loop<Isa::kBaseline, kArgmax>(job);
+}
+#if ROIPOOL_X86_ISAS
+template <bool kArgmax, typename T, typename C>
+ROIPOOL_TARGET_AVX2 ROIPOOL_FLATTEN void pool_bins_avx2(const BinJob<T, C>& job) {
+  pool_bins_nhwc_loop<Isa::kAvx2, kArgmax>(job);
+}
+template <bool kArgmax, typename T, typename C>
+ROIPOOL_TARGET_AVX512 ROIPOOL_FLATTEN void pool_bins_avx512(const BinJob<T, C>& job) {
+  pool_bins_nhwc_loop<Isa::kAvx512, kArgmax>(job);
+}
+#endif
+
+template <bool kArgmax, typename T, typename C>
+void pool_bins_for_cpu(const BinJob<T, C>& job) {
+#if ROIPOOL_X86_ISAS
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return pool_bins_avx512<kArgmax>(job);
+    case Isa::kAvx2:
+      return pool_bins_avx2<kArgmax>(job);
+    default:
+      break;
+  }
+#endif
+  pool_bins_baseline<kArgmax>(job);
+}
+
+// Pools the bins of `job`, with their cells when job.argmax is non-null.
 template <typename T, typename C>
-void pool_bins_nhwc(const T* image, const RoiGrid<C>& g, const FeatureShape& f,
-                    const PooledShape& p, int32_t bins, const Channels& ch,
-                    int64_t k_begin, int64_t k_end, T* out, int32_t* argmax,
-                    typename Element<T>::Acc* best, int32_t* best_cell) {
-  if (argmax)
-    pool_bins_nhwc_as<true>(image, g, f, p, bins, ch, k_begin, k_end, out,
-                            argmax, best, best_cell);
+void pool_bins_nhwc(const BinJob<T, C>& job) {
+  if (job.argmax)
+    pool_bins_for_cpu<true>(job);
   else
-    pool_bins_nhwc_as<false>(image, g, f, p, bins, ch, k_begin, k_end, out,
-                             argmax, best, best_cell);
+    pool_bins_for_cpu<false>(job);
 }
 
 // NHWC forward: each RoI's bins go straight to the output.
@@ -348,10 +503,11 @@ void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
   for (int64_t r = roi_begin; r < roi_end; ++r) {
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
-    pool_bins_nhwc(features + g.batch * f.h * f.w * f.c, g, f, p, bins,
-                   Channels{0, f.c}, 0, p.ph * p.pw, out + r * roi_size,
-                   argmax ? argmax + r * roi_size : nullptr, best.data(),
-                   best_cell.data());
+    pool_bins_nhwc(BinJob<T, C>{features + g.batch * f.h * f.w * f.c, g, f, p,
+                                bins, Channels{0, f.c}, 0, p.ph * p.pw,
+                                out + r * roi_size,
+                                argmax ? argmax + r * roi_size : nullptr,
+                                best.data(), best_cell.data()});
   }
 }
 
@@ -386,8 +542,9 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
     const T* image = features_nhwc + g.batch * f.h * f.w * f.c;
     for (int64_t k0 = 0; k0 < bin_plane; k0 += chunk_bins) {
       const int64_t k1 = std::min(bin_plane, k0 + chunk_bins);
-      pool_bins_nhwc(image, g, f, p, bins, ch, k0, k1, chunk_max.data(), arg,
-                     best.data(), best_cell.data());
+      pool_bins_nhwc(BinJob<T, C>{image, g, f, p, bins, ch, k0, k1,
+                                  chunk_max.data(), arg, best.data(),
+                                  best_cell.data()});
       consume(r, k0, k1, chunk_max.data(), arg);
     }
   }
@@ -706,4 +863,8 @@ PYBIND11_MODULE(_cpu, m) {
     return handlers;
   });
   m.def("build_jaxlib_version", []() { return JAXLIB_BUILD_VERSION; });
+  m.def("cpu_isa", []() { return roipool::isa_name(roipool::cpu_isa()); },
+        "Instruction set of the pooling loops: baseline, avx2 or avx512.");
+  m.def("best_cpu_isa", []() { return roipool::isa_name(roipool::best_isa()); },
+        "The widest instruction set of this CPU that the kernels have a build for.");
 }

@@ -7,6 +7,7 @@ and is imported only here, so CPU-only installs never touch CUDA.
 from __future__ import annotations
 
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,9 @@ from . import _primitives
 FFI_TARGETS = ("roipool_forward", "roipool_gather", "roipool_scatter")
 LAYOUT_CODES = {"NHWC": 0, "NCHW": 1}  # roipool::Layout
 BIN_CODES = {"fast_rcnn": 0, "partition": 1}  # roipool::Bins
+# Builds of the CPU pooling loops, narrowest first (roipool::Isa). The
+# kernels use the widest the CPU runs; JAX_ROIPOOL_CPU_ISA caps it.
+CPU_ISAS = ("baseline", "avx2", "avx512")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -38,6 +42,14 @@ def _load(module_name: str):
             f"but jaxlib {running} is running; XLA refuses handlers built with newer headers. "
             "Rebuild against the installed jax: pip install --no-build-isolation --force-reinstall .")
     return module
+
+
+def _check_cpu_isa_cap() -> None:
+    # Checked here: the kernels read the variable at their first call, where
+    # they cannot raise.
+    cap = os.environ.get("JAX_ROIPOOL_CPU_ISA")
+    if cap and cap not in CPU_ISAS:
+        raise ValueError(f"JAX_ROIPOOL_CPU_ISA={cap!r}: expected one of {CPU_ISAS}, or unset")
 
 
 def _pool_attrs(pooled, spatial_scale, layout, bins):
@@ -98,6 +110,7 @@ def _cuda_module():
         return None
 
 
+_check_cpu_isa_cap()
 _register(_load("_cpu"), "cpu", "cpu", _argmax_op_lowering("roipool_scatter"))
 cuda = _cuda_module()
 if cuda is not None:
