@@ -214,8 +214,9 @@ Isa best_isa() {
 
 // The instruction set the kernels use: best_isa, capped by
 // JAX_ROIPOOL_CPU_ISA ("baseline", "avx2" or "avx512", so that the tests can
-// run every build on one machine). Read once, at the first call; the Python
-// side rejects other values before any kernel runs.
+// run every build on one machine). Read once, at the first kernel call.
+// Importing jax_roipool rejects other values; one set after the import
+// (where a kernel could not raise) is ignored: no cap.
 Isa cpu_isa() {
   static const Isa isa = [] {
     const char* cap = std::getenv("JAX_ROIPOOL_CPU_ISA");
