@@ -212,23 +212,7 @@ Isa best_isa() {
   return Isa::kBaseline;
 }
 
-// The instruction set the kernels use: best_isa, capped by
-// JAX_ROIPOOL_CPU_ISA ("baseline", "avx2" or "avx512", so that the tests can
-// run every build on one machine). Read once, at the first kernel call.
-// Importing jax_roipool rejects other values; one set after the import
-// (where a kernel could not raise) is ignored: no cap.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const char* cap = std::getenv("JAX_ROIPOOL_CPU_ISA");
-    const Isa capped = cap == nullptr                    ? Isa::kAvx512
-                       : std::strcmp(cap, "baseline") == 0 ? Isa::kBaseline
-                       : std::strcmp(cap, "avx2") == 0     ? Isa::kAvx2
-                                                           : Isa::kAvx512;
-    return std::min(best_isa(), capped);
-  }();
-  return isa;
-}
-
+// The build's name, as JAX_ROIPOOL_CPU_ISA and _cpu.cpu_isa() spell it.
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
@@ -238,6 +222,22 @@ const char* isa_name(Isa isa) {
     default:
       return "baseline";
   }
+}
+
+// The instruction set the kernels use: best_isa, capped by
+// JAX_ROIPOOL_CPU_ISA ("baseline", "avx2" or "avx512", so that the tests can
+// run every build on one machine). Read once, at the first kernel call.
+// Importing jax_roipool rejects other values; one set after the import
+// (where a kernel could not raise) is ignored: no cap.
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const char* cap = std::getenv("JAX_ROIPOOL_CPU_ISA");
+    Isa capped = Isa::kAvx512;
+    for (Isa narrower : {Isa::kBaseline, Isa::kAvx2})
+      if (cap != nullptr && std::strcmp(cap, isa_name(narrower)) == 0) capped = narrower;
+    return std::min(best_isa(), capped);
+  }();
+  return isa;
 }
 
 // Fold one more cell (its `channels` values) into the running maxima of a
@@ -377,7 +377,7 @@ template <Isa kIsa, bool kArgmax>
 ROIPOOL_INLINE int64_t pool_blocks_f32(const float* first, const BinCells& b,
                                        int64_t n, float* out, int32_t* arg) {
   int64_t c = 0;
-  auto arg_at = [arg](int64_t c) { return kArgmax ? arg + c : nullptr; };
+  auto arg_at = [arg](int64_t channel) { return kArgmax ? arg + channel : nullptr; };
   if constexpr (kIsa == Isa::kAvx512) {
     for (; c + 64 <= n; c += 64)
       pool_block_f32_avx512<kArgmax, 4>(first + c, b, out + c, arg_at(c));

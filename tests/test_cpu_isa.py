@@ -26,11 +26,11 @@ import pytest
 
 import reference_loop
 from jax_roipool import _cpu
+from jax_roipool._native import CPU_ISAS as ISAS  # narrowest first
 from conftest import (BINS, DTYPES, LAYOUTS, adversarial_rois, assert_exact, dtype_id,
                       feature_shape, random_features, random_rois, x64_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ISAS = ("baseline", "avx2", "avx512")  # narrowest first
 # 5: the per-channel tail alone. 16: one AVX-512 register. 127: AVX-512
 # 64 + 3 * 16 + 15; AVX2 3 * 32 + 3 * 8 + 7 (argmax), 64 + 7 * 8 + 7 (without).
 CHANNELS = (5, 16, 127)
