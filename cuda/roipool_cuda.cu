@@ -1,15 +1,15 @@
 // CUDA kernels of roi_pool behind the XLA FFI: the forward pass with argmax,
 // the gather at the argmax (JVP tangent) and the scatter-add at the argmax
 // (its transpose); gather and scatter recompute the argmax rather than
-// reading a stored one. One thread per output element, grid-stride loops, 64-bit
-// element offsets. The bin geometry is roipool_geometry.h, shared with the
-// CPU kernels, so both pick exactly the same cells.
+// reading a stored one. One thread per bin and group of four channels,
+// contiguous task ranges per block, 64-bit element offsets. The bin geometry is
+// roipool_geometry.h, shared with the CPU kernels, so both pick exactly the
+// same cells.
 //
 // Build without --use_fast_math and with --fmad=false: bin edges and the NaN
 // handling of the max depend on exact IEEE semantics.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -22,9 +22,6 @@ namespace ffi = xla::ffi;
 
 namespace roipool {
 namespace {
-
-// Grid cap: ~4 waves of 256-thread blocks on an H100; grid-stride beyond.
-constexpr int64_t kMaxBlocks = 4096;
 
 // ---------------------------------------------------------------------------
 // Host side.
@@ -42,38 +39,28 @@ ffi::Error check_launch(const char* what) {
   return cuda_status(cudaGetLastError(), what);
 }
 
-unsigned grid_for(int64_t total) {
-  return unsigned(std::min<int64_t>((total + kBlockSize - 1) / kBlockSize,
-                                    kMaxBlocks));
-}
-
 template <typename F>
 ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
   return roipool::dispatch_value_type<__half, __nv_bfloat16>(dtype,
                                                              std::forward<F>(fn));
 }
 
-// Launches pool_kernel<kOp> over the output elements of a checked call.
+// Launches pool_kernel<kOp> over the tasks of a checked call.
 template <int32_t kOp, typename T, typename C, typename Out>
 ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
                   int32_t bins, const T* features, const C* rois, const T* in,
                   Out* out, int32_t* argmax, double spatial_scale,
                   const char* what) {
-  const PoolDims d{s.p.r * s.p.ph * s.p.pw * s.p.c,
-                   s.f.n,
-                   int32_t(s.f.h),
-                   int32_t(s.f.w),
-                   s.f.c,
-                   int32_t(s.p.ph),
-                   int32_t(s.p.pw),
-                   bins};
-  if (d.total == 0) return ffi::Error::Success();
+  const PoolDims d =
+      make_pool_dims(s.p.r, s.f.n, int32_t(s.f.h), int32_t(s.f.w), s.f.c,
+                     int32_t(s.p.ph), int32_t(s.p.pw), bins);
+  if (d.tasks == 0) return ffi::Error::Success();
   const C scale = C(spatial_scale);
   if (layout == kNHWC)
-    pool_kernel<kOp, T, C, kNHWC><<<grid_for(d.total), kBlockSize, 0, stream>>>(
+    pool_kernel<kOp, T, C, kNHWC><<<unsigned(d.blocks), kBlockSize, 0, stream>>>(
         features, rois, in, out, argmax, d, scale);
   else
-    pool_kernel<kOp, T, C, kNCHW><<<grid_for(d.total), kBlockSize, 0, stream>>>(
+    pool_kernel<kOp, T, C, kNCHW><<<unsigned(d.blocks), kBlockSize, 0, stream>>>(
         features, rois, in, out, argmax, d, scale);
   return check_launch(what);
 }

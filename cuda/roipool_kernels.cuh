@@ -49,96 +49,68 @@ struct Value<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ int64_t first_index() {
-  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t grid_stride() {
-  return int64_t(gridDim.x) * blockDim.x;
-}
-
 // ---------------------------------------------------------------------------
 // Kernel.
 
 enum Op : int32_t { kForwardOp, kGatherOp, kScatterOp };
 
+// A thread pools kChannelsPerThread channels of one bin: channels g, g + G,
+// g + 2G, ... of channel group g, with G = ceil(C / kChannelsPerThread)
+// groups. The RoI decoding, the bin edges and the index arithmetic are then
+// paid once per four outputs, and four independent loads are in flight per
+// cell. Consecutive threads take consecutive groups (NHWC) or bins (NCHW),
+// so each of the four loads is coalesced across a warp in NHWC and each
+// store in both layouts.
+constexpr int kChannelsPerThread = 4;
+
+// The grid: a block walks a contiguous range of tasks_per_block tasks, so
+// that neighbouring bins of one RoI, which share their edge cells, are read
+// by the same multiprocessor close in time (hits in its L1 cache) rather
+// than by all of them through L2.
+constexpr int64_t kMaxBlocks = 4096;  // ~4 waves on an H100
+
 struct PoolDims {
-  int64_t total;     // output elements
-  int64_t n;         // images
-  int32_t h, w;      // feature map extent
-  int64_t channels;  // C
-  int32_t ph, pw;    // pooled extent
-  int32_t bins;      // roipool::Bins
+  int64_t tasks;            // rois * bins per roi * groups
+  int64_t tasks_per_block;  // a multiple of the block size
+  int64_t blocks;           // the grid
+  int64_t n;                // images
+  int32_t h, w;             // feature map extent
+  int64_t channels;         // C
+  int64_t groups;           // G
+  int32_t ph, pw;           // pooled extent
+  int32_t bins;             // roipool::Bins
 };
 
-// The maximum of the bin behind output element o: `cell` is its flat
-// (n * H + h) * W + w index, or -1 for an empty bin or an invalid RoI.
-template <typename T>
-struct BinMax {
-  T value;
-  int64_t cell;
-  int64_t channel;
-};
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// In NHWC the channel is the fastest-varying index, so a warp reads
-// consecutive channels of the same cell (coalesced).
-template <typename T, typename C, int32_t kLayout>
-__device__ __forceinline__ BinMax<T> bin_max(const T* __restrict__ features,
-                                             const C* __restrict__ rois,
-                                             const PoolDims& d, C scale,
-                                             int64_t o) {
-  using Acc = typename Value<T>::Acc;
-  int64_t r, c, rest;
-  int32_t ph, pw;
-  if (kLayout == kNHWC) {
-    c = o % d.channels;
-    rest = o / d.channels;
-    pw = int32_t(rest % d.pw);
-    rest /= d.pw;
-    ph = int32_t(rest % d.ph);
-    r = rest / d.ph;
-  } else {
-    pw = int32_t(o % d.pw);
-    rest = o / d.pw;
-    ph = int32_t(rest % d.ph);
-    rest /= d.ph;
-    c = rest % d.channels;
-    r = rest / d.channels;
-  }
-  const RoiGrid<C> g =
-      make_roi_grid<C>(rois + 5 * r, scale, d.n, d.ph, d.pw, d.bins);
-  const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
-  const Span sx = bin_span(g.x, pw, d.pw, d.w, d.bins);
-  // g.batch < n also rejects every batch index when n == 0.
-  if (!g.valid || g.batch >= d.n || sy.empty() || sx.empty())
-    return BinMax<T>{Value<T>::zero(), -1, c};
-  // Element (h, w) of the RoI's image and channel c is image[hw * step].
-  const int64_t plane = int64_t(d.h) * d.w;
-  const int64_t step = kLayout == kNHWC ? d.channels : 1;
-  const T* image = kLayout == kNHWC
-                       ? features + g.batch * plane * d.channels + c
-                       : features + (g.batch * d.channels + c) * plane;
-  int64_t best_hw = int64_t(sy.begin) * d.w + sx.begin;
-  T best_raw = image[best_hw * step];
-  Acc best = Value<T>::load(best_raw);
-  for (int32_t h = sy.begin; h < sy.end; ++h) {
-    const int64_t row = int64_t(h) * d.w;
-    const T* px = image + (row + sx.begin) * step;
-    for (int32_t w = sx.begin; w < sx.end; ++w, px += step) {
-      const T raw = *px;
-      const Acc v = Value<T>::load(raw);
-      if (replaces_max(v, best)) {
-        best = v;
-        best_raw = raw;
-        best_hw = row + w;
-      }
-    }
-  }
-  return BinMax<T>{best_raw, g.batch * plane + best_hw, c};
+inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
+                               int64_t channels, int32_t ph, int32_t pw,
+                               int32_t bins, int64_t block_size = kBlockSize,
+                               int64_t max_blocks = kMaxBlocks) {
+  PoolDims d;
+  d.n = n;
+  d.h = h;
+  d.w = w;
+  d.channels = channels;
+  d.groups = ceil_div(channels, kChannelsPerThread);
+  d.ph = ph;
+  d.pw = pw;
+  d.bins = bins;
+  d.tasks = rois * ph * pw * d.groups;
+  d.tasks_per_block =
+      ceil_div(ceil_div(d.tasks, max_blocks), block_size) * block_size;
+  d.blocks = d.tasks == 0 ? 0 : ceil_div(d.tasks, d.tasks_per_block);
+  return d;
 }
 
-// One thread per output element o (grid-stride):
-// - kForwardOp: out[o] = the max, argmax[o] = its cell (argmax may be null);
-// - kGatherOp: out[o] = in[cell, c] (in: feature-shaped, the tangent);
+// Every task (RoI r, bin k, channel group) is one thread's, in turn:
+// for each of its channels c < C, with o the output element (r, k, c) and
+// cell the argmax (flat (n * H + h) * W + w index of the bin's maximum, the
+// first in row-major order; none for an empty bin or an invalid RoI):
+// - kForwardOp: out[o] = the max, argmax[o] = cell (argmax may be null);
+//   0 and -1 without a cell;
+// - kGatherOp: out[o] = in[cell, c] (in: feature-shaped, the tangent), 0
+//   without a cell;
 // - kScatterOp: out[cell, c] += in[o] (in: output-shaped, the cotangent;
 //   out: feature-shaped, of type Value<T>::Acc, zeroed before). atomicAdd on
 //   float or double, so a cell's sum is in no fixed order; float atomics
@@ -150,20 +122,100 @@ __global__ void __launch_bounds__(kBlockSize)
     pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
                 const T* __restrict__ in, Out* __restrict__ out,
                 int32_t* __restrict__ argmax, PoolDims d, C scale) {
+  constexpr int kV = kChannelsPerThread;
+  using Acc = typename Value<T>::Acc;
   const int64_t plane = int64_t(d.h) * d.w;
-  for (int64_t o = first_index(); o < d.total; o += grid_stride()) {
-    const BinMax<T> m = bin_max<T, C, kLayout>(features, rois, d, scale, o);
-    if constexpr (kOp == kForwardOp) {
-      out[o] = m.value;
-      if (argmax) argmax[o] = int32_t(m.cell);
-    } else if (m.cell >= 0) {
-      const int64_t at = cell_offset(m.cell, m.channel, d.channels, plane, kLayout);
-      if constexpr (kOp == kGatherOp)
-        out[o] = in[at];
-      else
-        atomicAdd(out + at, Value<T>::load(in[o]));
-    } else if constexpr (kOp == kGatherOp) {
-      out[o] = Value<T>::zero();  // empty bin
+  const int64_t bin_plane = int64_t(d.ph) * d.pw;
+  const int64_t tasks_per_roi = bin_plane * d.groups;
+  // Step between the cells of one channel of an image.
+  const int64_t step = kLayout == kNHWC ? d.channels : 1;
+  const int64_t begin = int64_t(blockIdx.x) * d.tasks_per_block;
+  const int64_t end = begin + d.tasks_per_block < d.tasks
+                          ? begin + d.tasks_per_block
+                          : d.tasks;
+  for (int64_t task = begin + threadIdx.x; task < end; task += blockDim.x) {
+    const int64_t r = task / tasks_per_roi;
+    const int64_t t = task - r * tasks_per_roi;
+    const int64_t k = kLayout == kNHWC ? t / d.groups : t % bin_plane;
+    const int64_t group = kLayout == kNHWC ? t % d.groups : t / bin_plane;
+    const int32_t ph = int32_t(k / d.pw), pw = int32_t(k % d.pw);
+    const RoiGrid<C> g =
+        make_roi_grid<C>(rois + 5 * r, scale, d.n, d.ph, d.pw, d.bins);
+    const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
+    const Span sx = bin_span(g.x, pw, d.pw, d.w, d.bins);
+    // g.batch < n also rejects every batch index when n == 0.
+    const bool has_cell =
+        g.valid && g.batch < d.n && !sy.empty() && !sx.empty();
+    // Channel j of the thread is group + j * G; j is a spare slot of the last
+    // groups when that is C or more.
+    const auto channel = [&](int j) { return group + j * d.groups; };
+    const auto out_at = [&](int j) {
+      return pooled_offset(r, k, channel(j), d.channels, bin_plane, kLayout);
+    };
+    if (!has_cell) {
+      if constexpr (kOp != kScatterOp) {
+#pragma unroll
+        for (int j = 0; j < kV; ++j) {
+          if (channel(j) >= d.channels) continue;
+          out[out_at(j)] = Value<T>::zero();
+          if (kOp == kForwardOp && argmax) argmax[out_at(j)] = -1;
+        }
+      }
+      continue;
+    }
+    // Cell hw of channel j of the RoI's image is image[hw * step + shift[j]].
+    // A spare slot reads channel `group` again (shift 0), so that the cell
+    // loop needs no branch; its result is dropped.
+    const T* image = kLayout == kNHWC
+                         ? features + g.batch * plane * d.channels + group
+                         : features + (g.batch * d.channels + group) * plane;
+    const int64_t channel_step = kLayout == kNHWC ? 1 : plane;
+    int64_t shift[kV];
+#pragma unroll
+    for (int j = 0; j < kV; ++j)
+      shift[j] = channel(j) < d.channels ? j * d.groups * channel_step : 0;
+    const int64_t first = int64_t(sy.begin) * d.w + sx.begin;
+    int64_t best_hw[kV];
+    T best_raw[kV];
+    Acc best[kV];
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      best_hw[j] = first;
+      best_raw[j] = image[first * step + shift[j]];
+      best[j] = Value<T>::load(best_raw[j]);
+    }
+    for (int32_t h = sy.begin; h < sy.end; ++h) {
+      const int64_t row = int64_t(h) * d.w;
+      for (int32_t w = sx.begin; w < sx.end; ++w) {
+        const int64_t hw = row + w;
+        const T* cell = image + hw * step;
+#pragma unroll
+        for (int j = 0; j < kV; ++j) {
+          const T raw = cell[shift[j]];
+          const Acc v = Value<T>::load(raw);
+          if (replaces_max(v, best[j])) {
+            best[j] = v;
+            best_raw[j] = raw;
+            best_hw[j] = hw;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      if (channel(j) >= d.channels) continue;
+      const int64_t cell = g.batch * plane + best_hw[j];
+      if constexpr (kOp == kForwardOp) {
+        out[out_at(j)] = best_raw[j];
+        if (argmax) argmax[out_at(j)] = int32_t(cell);
+      } else {
+        const int64_t at =
+            cell_offset(cell, channel(j), d.channels, plane, kLayout);
+        if constexpr (kOp == kGatherOp)
+          out[out_at(j)] = in[at];
+        else
+          atomicAdd(out + at, Value<T>::load(in[out_at(j)]));
+      }
     }
   }
 }

@@ -3,8 +3,8 @@
 // machine without a GPU. Compiled by tests/test_cuda_kernel_on_host.py with
 // the host C++ compiler and the CUDA toolkit's headers (for __half and
 // __nv_bfloat16, which have host implementations). Only the launch is
-// emulated: a grid of one single-thread block walks every element through
-// the kernel's grid-stride loop, and atomicAdd is a plain add.
+// emulated: every thread of a small grid (fewer threads than tasks, so that
+// each walks several) runs in turn, and atomicAdd is a plain add.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -17,8 +17,10 @@
 struct EmulatedDim3 {
   unsigned x, y, z;
 };
-static const EmulatedDim3 blockIdx{0, 0, 0}, threadIdx{0, 0, 0};
-static const EmulatedDim3 blockDim{1, 1, 1}, gridDim{1, 1, 1};
+// A small grid: several blocks, each with more tasks than threads.
+constexpr int64_t kEmulatedBlockSize = 7, kEmulatedMaxBlocks = 3;
+static EmulatedDim3 blockIdx{0, 0, 0}, threadIdx{0, 0, 0};
+static const EmulatedDim3 blockDim{kEmulatedBlockSize, 1, 1};
 
 inline float atomicAdd(float* at, float v) {
   const float old = *at;
@@ -45,10 +47,14 @@ void run(int32_t layout, const PoolDims& d, const void* features,
   auto* r = static_cast<const C*>(rois);
   auto* i = static_cast<const T*>(in);
   auto* o = static_cast<Out*>(out);
-  if (layout == kNHWC)
-    pool_kernel<kOp, T, C, kNHWC, Out>(f, r, i, o, argmax, d, C(scale));
-  else
-    pool_kernel<kOp, T, C, kNCHW, Out>(f, r, i, o, argmax, d, C(scale));
+  for (blockIdx.x = 0; blockIdx.x < d.blocks; ++blockIdx.x) {
+    for (threadIdx.x = 0; threadIdx.x < blockDim.x; ++threadIdx.x) {
+      if (layout == kNHWC)
+        pool_kernel<kOp, T, C, kNHWC, Out>(f, r, i, o, argmax, d, C(scale));
+      else
+        pool_kernel<kOp, T, C, kNCHW, Out>(f, r, i, o, argmax, d, C(scale));
+    }
+  }
 }
 
 // The scatter writes Value<T>::Acc, as the CUDA handler does.
@@ -75,7 +81,8 @@ extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
                                    int32_t pw, double scale,
                                    const void* features, const void* rois,
                                    const void* in, void* out, int32_t* argmax) {
-  const PoolDims d{r * ph * pw * c, n, h, w, c, ph, pw, bins};
+  const PoolDims d = make_pool_dims(r, n, h, w, c, ph, pw, bins,
+                                    kEmulatedBlockSize, kEmulatedMaxBlocks);
   switch (dtype) {
     case 0:
       run_op<__half, float>(op, layout, d, features, rois, in, out, argmax, scale);
