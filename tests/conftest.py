@@ -12,6 +12,11 @@ import numpy as np
 
 import reference_loop
 
+# Tests run on the CPU (the native CPU kernels) unless they place their
+# arrays on a GPU themselves, as test_gpu.py does: on a machine with a GPU,
+# jax would otherwise run every test there.
+jax.config.update("jax_default_device", jax.devices("cpu")[0])
+
 hypothesis.settings.register_profile(
     "roipool", derandomize=True, deadline=None, max_examples=40, print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow,

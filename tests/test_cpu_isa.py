@@ -105,8 +105,10 @@ def run_cases(path):
 
 
 def env_capped(cap):
-    """This process's environment with JAX_ROIPOOL_CPU_ISA=cap (unset for None)."""
+    """This process's environment with JAX_ROIPOOL_CPU_ISA=cap (unset for None),
+    on the CPU backend alone (where there is a GPU too)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_ROIPOOL_CPU_ISA"}
+    env["JAX_PLATFORMS"] = "cpu"
     if cap is not None:
         env["JAX_ROIPOOL_CPU_ISA"] = cap
     return env

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole GPU check of jax_roipool, for a machine with an NVIDIA GPU whose
+# python3 has jax with CUDA, CUDA torch + torchvision, pybind11,
+# scikit-build-core, nvcc and compute-sanitizer (no network needed):
+#
+#   build      pip install --no-build-isolation -e . (the CUDA kernels included)
+#   gpu        tests/test_gpu.py: GPU vs CPU kernels bit for bit, vs torchvision
+#   bench      benchmarks/bench_gpu.py, its table and JSON written beside the logs
+#   sanitizer  compute-sanitizer memcheck over a GPU test run
+#   suite      the whole test suite (pytest-xdist when installed)
+#
+# Usage: benchmarks/gpu_proof.sh [STEP ...]   (default: all five, in that order;
+# where one command may only run for minutes, split them across commands,
+# e.g. "build gpu bench", then "sanitizer suite")
+# Each step's log goes to $OUT (default ./gpu-proof); the end of each is
+# printed. The exit status is 1 if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/gpu-proof}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# Several processes (torch and jax, xdist workers) share the GPU.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+status=0
+
+run_step() {
+  local name=$1 start=$SECONDS rc
+  shift
+  echo "=== $name: $*"
+  "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  tail -n 12 "$out/$name.log"
+  if [ "$rc" -ne 0 ]; then status=1; fi
+}
+
+xdist_args() {
+  if python3 -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
+}
+
+steps=("$@")
+if [ ${#steps[@]} -eq 0 ]; then steps=(build gpu bench sanitizer suite); fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+for s in "${steps[@]}"; do
+  case $s in
+    build) run_step build python3 -m pip install --no-build-isolation -e . ;;
+    gpu) run_step gpu python3 -m pytest -q -rs tests/test_gpu.py ;;
+    # One cudaMalloc per buffer, so that memcheck sees the bounds of each.
+    sanitizer) run_step sanitizer env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+      compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 -m pytest -q -x tests/test_gpu.py \
+      -k "random_cases_match_cpu and float32 or gradients_match_cpu or per_image" ;;
+    bench) run_step bench python3 benchmarks/bench_gpu.py --results-dir "$out" ;;
+    # shellcheck disable=SC2046
+    suite) run_step suite python3 -m pytest -q -rs $(xdist_args) ;;
+    *) echo "unknown step: $s (build, gpu, bench, sanitizer, suite)"; exit 2 ;;
+  esac
+done
+exit $status
