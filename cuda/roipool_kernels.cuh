@@ -57,17 +57,17 @@ enum Op : int32_t { kForwardOp, kGatherOp, kScatterOp };
 // A thread pools kChannelsPerThread channels of one bin: channels g, g + G,
 // g + 2G, ... of channel group g, with G = ceil(C / kChannelsPerThread)
 // groups. The RoI decoding, the bin edges and the index arithmetic are then
-// paid once per four outputs, and four independent loads are in flight per
-// cell. Consecutive threads take consecutive groups (NHWC) or bins (NCHW),
-// so each of the four loads is coalesced across a warp in NHWC and each
-// store in both layouts.
+// paid once per four outputs. Consecutive threads take consecutive groups
+// (NHWC) or bins (NCHW): in NHWC each of a thread's four loads is coalesced
+// across the warp (one bin's consecutive channels while G is a multiple of
+// 32, i.e. C a multiple of 128), and stores are in both layouts.
 constexpr int kChannelsPerThread = 4;
 
 // The grid: a block walks a contiguous range of tasks_per_block tasks, so
 // that neighbouring bins of one RoI, which share their edge cells, are read
 // by the same multiprocessor close in time (hits in its L1 cache) rather
 // than by all of them through L2.
-constexpr int64_t kMaxBlocks = 4096;  // ~4 waves on an H100
+constexpr int64_t kMaxBlocks = 4096;  // ~10 waves on an H100 at 3-4 blocks/SM
 
 struct PoolDims {
   int64_t tasks;            // rois * bins per roi * groups
@@ -117,8 +117,10 @@ inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
 //   flush subnormal sums to zero (PTX atom.add.f32), as torchvision's do.
 // Out is T except for the scatter. The argmax of gather and scatter is the
 // forward's, recomputed.
+// At least 4 resident blocks per SM (3 for double) caps the registers at 64
+// (80) per thread, which ptxas meets without spilling.
 template <int32_t kOp, typename T, typename C, int32_t kLayout, typename Out>
-__global__ void __launch_bounds__(kBlockSize)
+__global__ void __launch_bounds__(kBlockSize, sizeof(T) <= 4 ? 4 : 3)
     pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
                 const T* __restrict__ in, Out* __restrict__ out,
                 int32_t* __restrict__ argmax, PoolDims d, C scale) {
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(kBlockSize)
     const int64_t t = task - r * tasks_per_roi;
     const int64_t k = kLayout == kNHWC ? t / d.groups : t % bin_plane;
     const int64_t group = kLayout == kNHWC ? t % d.groups : t / bin_plane;
-    const int32_t ph = int32_t(k / d.pw), pw = int32_t(k % d.pw);
+    const int32_t ph = int32_t(k) / d.pw, pw = int32_t(k) % d.pw;  // k < PH * PW
     const RoiGrid<C> g =
         make_roi_grid<C>(rois + 5 * r, scale, d.n, d.ph, d.pw, d.bins);
     const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
@@ -146,10 +148,10 @@ __global__ void __launch_bounds__(kBlockSize)
     // g.batch < n also rejects every batch index when n == 0.
     const bool has_cell =
         g.valid && g.batch < d.n && !sy.empty() && !sx.empty();
-    // Channel j of the thread is group + j * G; j is a spare slot of the last
-    // groups when that is C or more.
-    const auto channel = [&](int j) { return group + j * d.groups; };
-    const auto out_at = [&](int j) {
+    // Channel j of the thread is group + j * G; slot j is spare when that is
+    // C or more (the last slots of the last groups; of every group when C < 4).
+    const auto channel = [=](int j) { return group + j * d.groups; };
+    const auto out_at = [=](int j) {
       return pooled_offset(r, k, channel(j), d.channels, bin_plane, kLayout);
     };
     if (!has_cell) {
@@ -163,32 +165,35 @@ __global__ void __launch_bounds__(kBlockSize)
       }
       continue;
     }
-    // Cell hw of channel j of the RoI's image is image[hw * step + shift[j]].
-    // A spare slot reads channel `group` again (shift 0), so that the cell
-    // loop needs no branch; its result is dropped.
-    const T* image = kLayout == kNHWC
-                         ? features + g.batch * plane * d.channels + group
-                         : features + (g.batch * d.channels + group) * plane;
+    // Cell hw of channel j of the RoI's image is image[hw * step + shift[j]],
+    // image_at being the offset of (cell 0, channel `group`) in every
+    // feature-shaped buffer. A spare slot reads channel `group` again (shift
+    // 0), so that the cell loop needs no branch; its result is dropped.
+    const int64_t image_at = kLayout == kNHWC
+                                 ? g.batch * plane * d.channels + group
+                                 : (g.batch * d.channels + group) * plane;
+    const T* image = features + image_at;
     const int64_t channel_step = kLayout == kNHWC ? 1 : plane;
     int64_t shift[kV];
 #pragma unroll
     for (int j = 0; j < kV; ++j)
       shift[j] = channel(j) < d.channels ? j * d.groups * channel_step : 0;
-    const int64_t first = int64_t(sy.begin) * d.w + sx.begin;
-    int64_t best_hw[kV];
+    // Cells of one image as int32: the FFI checks N * H * W <= INT32_MAX.
+    const int32_t first = sy.begin * d.w + sx.begin;
+    int32_t best_hw[kV];
     T best_raw[kV];
     Acc best[kV];
 #pragma unroll
     for (int j = 0; j < kV; ++j) {
       best_hw[j] = first;
-      best_raw[j] = image[first * step + shift[j]];
+      best_raw[j] = image[int64_t(first) * step + shift[j]];
       best[j] = Value<T>::load(best_raw[j]);
     }
     for (int32_t h = sy.begin; h < sy.end; ++h) {
-      const int64_t row = int64_t(h) * d.w;
+      const int32_t row = h * d.w;
       for (int32_t w = sx.begin; w < sx.end; ++w) {
-        const int64_t hw = row + w;
-        const T* cell = image + hw * step;
+        const int32_t hw = row + w;
+        const T* cell = image + int64_t(hw) * step;
 #pragma unroll
         for (int j = 0; j < kV; ++j) {
           const T raw = cell[shift[j]];
@@ -204,13 +209,11 @@ __global__ void __launch_bounds__(kBlockSize)
 #pragma unroll
     for (int j = 0; j < kV; ++j) {
       if (channel(j) >= d.channels) continue;
-      const int64_t cell = g.batch * plane + best_hw[j];
       if constexpr (kOp == kForwardOp) {
         out[out_at(j)] = best_raw[j];
-        if (argmax) argmax[out_at(j)] = int32_t(cell);
+        if (argmax) argmax[out_at(j)] = int32_t(g.batch * plane + best_hw[j]);
       } else {
-        const int64_t at =
-            cell_offset(cell, channel(j), d.channels, plane, kLayout);
+        const int64_t at = image_at + int64_t(best_hw[j]) * step + shift[j];
         if constexpr (kOp == kGatherOp)
           out[out_at(j)] = in[at];
         else

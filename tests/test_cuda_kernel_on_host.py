@@ -1,8 +1,8 @@
 """The CUDA kernel body (cuda/roipool_kernels.cuh), run on the host, against the CPU kernels.
 
 No GPU needed: tests/cuda_host/emulate_kernel.cc compiles the kernel with the
-host C++ compiler and the CUDA toolkit's headers and walks every element
-through it serially. This checks everything the kernel computes (bins,
+host C++ compiler and the CUDA toolkit's headers and runs the threads of a
+small grid one after another. This checks everything the kernel computes (bins,
 ties, NaN, invalid RoIs, 16-bit types, both layouts, the scatter's
 accumulator type) on every CI run; what it cannot check (the launch,
 atomics, the FFI handlers on a device) is tests/test_gpu.py's.
@@ -61,13 +61,34 @@ def kernel(tmp_path_factory):
                     "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "cuda"),
                     "-I", include, os.path.join(HERE, "cuda_host", "emulate_kernel.cc"),
                     "-o", library], check=True)
-    fn = ctypes.CDLL(library).emulate_pool_kernel
+    lib = ctypes.CDLL(library)
+    fn = lib.emulate_pool_kernel
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_int32] * 4 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                            ctypes.c_int32, ctypes.c_double]
                    + [ctypes.c_void_p] * 5)
-    return fn
+    lib.pool_grid.restype = None
+    lib.pool_grid.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                              ctypes.POINTER(ctypes.c_int64)]
+    return lib
+
+
+@pytest.mark.parametrize("rois, c, pooled", [
+    (0, 256, (7, 7)), (1, 1, (1, 1)), (1, 4, (8, 8)), (1, 4, (8, 9)), (1024, 256, (7, 7)),
+    (8192, 512, (7, 7)), (2**21, 1024, (32, 32)), (2**31 - 1, 4, (1, 1)), (2**31, 8, (1, 1)),
+    (3 * 2**40 + 1, 4, (1, 1))])
+def test_launch_grid_covers_every_task_once(kernel, rois, c, pooled):
+    grid = (ctypes.c_int64 * 3)()
+    kernel.pool_grid(rois, c, pooled[0], pooled[1], grid)
+    tasks, per_block, blocks = list(grid)
+    assert tasks == rois * pooled[0] * pooled[1] * -(-c // 4)
+    if tasks == 0:
+        assert blocks == 0
+        return
+    assert per_block > 0 and per_block % 256 == 0  # whole blocks of threads
+    assert 1 <= blocks <= 4096  # kMaxBlocks; fits the grid's unsigned x
+    assert (blocks - 1) * per_block < tasks <= blocks * per_block  # no block idle
 
 
 def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins):
@@ -85,7 +106,7 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins):
     features, rois = np.ascontiguousarray(features), np.ascontiguousarray(rois)
     value = None if value is None else np.ascontiguousarray(value)
     pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
-    status = kernel(OPS[op], LAYOUTS.index(layout), BINS.index(bins), DTYPE_CODES[dtype.name],
+    status = kernel.emulate_pool_kernel(OPS[op], LAYOUTS.index(layout), BINS.index(bins), DTYPE_CODES[dtype.name],
                     n, h, w, c, len(rois), pooled[0], pooled[1], scale, pointer(features),
                     pointer(rois), pointer(value), pointer(out), pointer(argmax))
     assert status == 0

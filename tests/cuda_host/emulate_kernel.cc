@@ -12,7 +12,7 @@
 
 #define __global__
 #define __device__
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 
 struct EmulatedDim3 {
   unsigned x, y, z;
@@ -99,4 +99,15 @@ extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
       return 0;
   }
   return 1;
+}
+
+// The launch grid of the real kernel (block size 256, at most kMaxBlocks
+// blocks) for tasks = rois * ph * pw * ceil(c / 4): {tasks, tasks per block,
+// blocks}.
+extern "C" void pool_grid(int64_t rois, int64_t c, int32_t ph, int32_t pw,
+                          int64_t* grid) {
+  const PoolDims d = make_pool_dims(rois, 1, 1, 1, c, ph, pw, kFastRcnn);
+  grid[0] = d.tasks;
+  grid[1] = d.tasks_per_block;
+  grid[2] = d.blocks;
 }
