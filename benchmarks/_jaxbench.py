@@ -17,11 +17,13 @@ NATIVE_TARGETS = ("roipool_forward", "roipool_scatter")
 def versions() -> dict[str, str]:
     import jaxlib
 
-    from jax_roipool import _cpu
+    from jax_roipool import _cpu, _native
 
     out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
            "jax_roipool": getattr(jax_roipool, "__version__", "?"), "numpy": np.__version__,
            "cpu_kernels": _cpu.cpu_isa()}
+    if _native.cuda is not None:
+        out["cuda_channels_per_thread"] = str(_native.cuda.channels_per_thread())
     try:
         dev = jax.devices()[0]
         out["jax_backend"] = jax.default_backend()

@@ -376,8 +376,8 @@ def report(info: dict, workloads: list[Workload], args) -> str:
     v = info["versions"]
     lines = [f"# jax_roipool GPU benchmark: {info['device']}, {info['date']}", ""]
     lines.append("- " + ", ".join(f"{k} {v[k]}" for k in
-                                  ("jax", "jaxlib", "jax_roipool", "torch", "torchvision",
-                                   "torch_cuda", "numpy") if k in v))
+                                  ("jax", "jaxlib", "jax_roipool", "cuda_channels_per_thread",
+                                   "torch", "torchvision", "torch_cuda", "numpy") if k in v))
     extra = {k: x for k, x in v.items() if k.startswith(("jax-cuda", "jax_cuda", "nvidia"))}
     if extra:
         lines.append("- " + ", ".join(f"{k} {x}" for k, x in extra.items()))

@@ -3,15 +3,20 @@
 # python3 has jax with CUDA, CUDA torch + torchvision, pybind11,
 # scikit-build-core, nvcc and compute-sanitizer (no network needed):
 #
-#   build      pip install --no-build-isolation -e . (the CUDA kernels included)
+#   build      pip install --no-build-isolation -e . (the CUDA kernels included,
+#              one thread per output element)
 #   gpu        tests/test_gpu.py: GPU vs CPU kernels bit for bit, vs torchvision
 #   bench      benchmarks/bench_gpu.py, its table and JSON written beside the logs
 #   sanitizer  compute-sanitizer memcheck over a GPU test run
 #   suite      the whole test suite (pytest-xdist when installed)
+#   wide       the CUDA build with 4 channels per thread (CMake option
+#              JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD): test_gpu.py's random
+#              cases and gradients, then bench_gpu.py (into $OUT/wide); ends
+#              by rebuilding the default (1)
 #
-# Usage: benchmarks/gpu_proof.sh [STEP ...]   (default: all five, in that order;
-# where one command may only run for minutes, split them across commands,
-# e.g. "build gpu bench", then "sanitizer suite")
+# Usage: benchmarks/gpu_proof.sh [STEP ...]   (default: build gpu bench
+# sanitizer suite; where one command may only run for minutes, split the
+# steps across commands, e.g. "build gpu bench wide", then "sanitizer suite")
 # Each step's log goes to $OUT (default ./gpu-proof); the end of each is
 # printed. The exit status is 1 if any step failed.
 set -uo pipefail
@@ -34,6 +39,20 @@ run_step() {
   if [ "$rc" -ne 0 ]; then status=1; fi
 }
 
+build_with_channels_per_thread() {
+  python3 -m pip install --no-build-isolation -e . \
+    --config-settings=cmake.define.JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD="$1"
+}
+
+wide_build_check() {
+  build_with_channels_per_thread 4 &&
+    python3 -m pytest -q -x tests/test_gpu.py -k "random_cases_match_cpu or gradients_match_cpu" &&
+    python3 benchmarks/bench_gpu.py --skip-reference --results-dir "$out/wide"
+  local rc=$?
+  build_with_channels_per_thread 1 || rc=1
+  return $rc
+}
+
 xdist_args() {
   if python3 -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
 }
@@ -43,7 +62,7 @@ if [ ${#steps[@]} -eq 0 ]; then steps=(build gpu bench sanitizer suite); fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 for s in "${steps[@]}"; do
   case $s in
-    build) run_step build python3 -m pip install --no-build-isolation -e . ;;
+    build) run_step build build_with_channels_per_thread 1 ;;
     gpu) run_step gpu python3 -m pytest -q -rs tests/test_gpu.py ;;
     # One cudaMalloc per buffer, so that memcheck sees the bounds of each.
     sanitizer) run_step sanitizer env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
@@ -53,7 +72,8 @@ for s in "${steps[@]}"; do
     bench) run_step bench python3 benchmarks/bench_gpu.py --results-dir "$out" ;;
     # shellcheck disable=SC2046
     suite) run_step suite python3 -m pytest -q -rs $(xdist_args) ;;
-    *) echo "unknown step: $s (build, gpu, bench, sanitizer, suite)"; exit 2 ;;
+    wide) run_step wide wide_build_check ;;
+    *) echo "unknown step: $s (build, gpu, bench, sanitizer, suite, wide)"; exit 2 ;;
   esac
 done
 exit $status

@@ -1,8 +1,9 @@
 // CUDA kernels of roi_pool behind the XLA FFI: the forward pass with argmax,
 // the gather at the argmax (JVP tangent) and the scatter-add at the argmax
 // (its transpose); gather and scatter recompute the argmax rather than
-// reading a stored one. One thread per bin and group of four channels,
-// contiguous task ranges per block, 64-bit element offsets. The bin geometry is
+// reading a stored one. One thread per output element (or per bin and
+// group of channels, see kChannelsPerThread), contiguous task ranges per
+// block, 64-bit element offsets. The bin geometry is
 // roipool_geometry.h, shared with the CPU kernels, so both pick exactly the
 // same cells.
 //

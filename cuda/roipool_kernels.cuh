@@ -56,12 +56,29 @@ enum Op : int32_t { kForwardOp, kGatherOp, kScatterOp };
 
 // A thread pools kChannelsPerThread channels of one bin: channels g, g + G,
 // g + 2G, ... of channel group g, with G = ceil(C / kChannelsPerThread)
-// groups. The RoI decoding, the bin edges and the index arithmetic are then
-// paid once per four outputs. Consecutive threads take consecutive groups
-// (NHWC) or bins (NCHW): in NHWC each of a thread's four loads is coalesced
-// across the warp (one bin's consecutive channels while G is a multiple of
-// 32, i.e. C a multiple of 128), and stores are in both layouts.
-constexpr int kChannelsPerThread = 4;
+// groups. Consecutive threads take consecutive groups (NHWC) or bins (NCHW):
+// in NHWC each of a thread's loads is coalesced across the warp (one bin's
+// consecutive channels while G is a multiple of 32), and stores are in both
+// layouts. The default, 1, is one thread per output element. With 4 (CMake
+// option JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD) the RoI decoding, the bin
+// edges and the index arithmetic are paid once per four outputs, but fewer
+// threads are resident (64 registers each instead of 48: four blocks of 256
+// per SM instead of five); which is faster is for a GPU run to say
+// (benchmarks/gpu_proof.sh, step "wide").
+#ifndef ROIPOOL_CHANNELS_PER_THREAD
+#define ROIPOOL_CHANNELS_PER_THREAD 1
+#endif
+constexpr int kChannelsPerThread = ROIPOOL_CHANNELS_PER_THREAD;
+static_assert(kChannelsPerThread >= 1 && kChannelsPerThread <= 8,
+              "ROIPOOL_CHANNELS_PER_THREAD: 1 to 8");
+
+// The resident blocks per SM that launch bounds ask for cap the registers
+// per thread: 48 with one channel per thread (ptxas would take 56), else 64,
+// or 80 for double. ptxas meets each cap with at most one spilled word (the
+// 16-bit forward with one channel per thread), none in the cell loop.
+template <typename T>
+constexpr int kMinBlocksPerSm =
+    kChannelsPerThread == 1 ? 5 : (sizeof(T) <= 4 ? 4 : 3);
 
 // The grid: a block walks a contiguous range of tasks_per_block tasks, so
 // that neighbouring bins of one RoI, which share their edge cells, are read
@@ -117,10 +134,8 @@ inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
 //   flush subnormal sums to zero (PTX atom.add.f32), as torchvision's do.
 // Out is T except for the scatter. The argmax of gather and scatter is the
 // forward's, recomputed.
-// At least 4 resident blocks per SM (3 for double) caps the registers at 64
-// (80) per thread, which ptxas meets without spilling.
 template <int32_t kOp, typename T, typename C, int32_t kLayout, typename Out>
-__global__ void __launch_bounds__(kBlockSize, sizeof(T) <= 4 ? 4 : 3)
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
     pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
                 const T* __restrict__ in, Out* __restrict__ out,
                 int32_t* __restrict__ argmax, PoolDims d, C scale) {
@@ -149,7 +164,8 @@ __global__ void __launch_bounds__(kBlockSize, sizeof(T) <= 4 ? 4 : 3)
     const bool has_cell =
         g.valid && g.batch < d.n && !sy.empty() && !sx.empty();
     // Channel j of the thread is group + j * G; slot j is spare when that is
-    // C or more (the last slots of the last groups; of every group when C < 4).
+    // C or more, which happens only when C is not a multiple of
+    // kChannelsPerThread.
     const auto channel = [=](int j) { return group + j * d.groups; };
     const auto out_at = [=](int j) {
       return pooled_offset(r, k, channel(j), d.channels, bin_plane, kLayout);

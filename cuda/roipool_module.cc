@@ -25,4 +25,5 @@ PYBIND11_MODULE(_cuda, m) {
     return handlers;
   });
   m.def("build_jaxlib_version", []() { return JAXLIB_BUILD_VERSION; });
+  m.def("channels_per_thread", []() { return ROIPOOL_CHANNELS_PER_THREAD; });
 }

@@ -52,12 +52,15 @@ pytestmark = pytest.mark.skipif(
     reason="no CUDA toolkit (nvcc) or host C++ compiler to build the CUDA kernel for the host")
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
+# Both builds of the kernel: one thread per output element (the default) and
+# four channels per thread (CMake JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD=4).
+@pytest.fixture(scope="module", params=[1, 4], ids=lambda n: f"{n}-channels-per-thread")
+def kernel(request, tmp_path_factory):
     include = cuda_include_dir()
     assert include, "nvcc is on PATH, but `nvcc --dryrun` names no include dir with cuda_fp16.h"
     library = str(tmp_path_factory.mktemp("cuda_host") / "emulate_kernel.so")
     subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-w",
+                    f"-DROIPOOL_CHANNELS_PER_THREAD={request.param}",
                     "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "cuda"),
                     "-I", include, os.path.join(HERE, "cuda_host", "emulate_kernel.cc"),
                     "-o", library], check=True)
@@ -68,6 +71,7 @@ def kernel(tmp_path_factory):
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                            ctypes.c_int32, ctypes.c_double]
                    + [ctypes.c_void_p] * 5)
+    lib.channels_per_thread = request.param
     lib.pool_grid.restype = None
     lib.pool_grid.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                               ctypes.POINTER(ctypes.c_int64)]
@@ -82,7 +86,7 @@ def test_launch_grid_covers_every_task_once(kernel, rois, c, pooled):
     grid = (ctypes.c_int64 * 3)()
     kernel.pool_grid(rois, c, pooled[0], pooled[1], grid)
     tasks, per_block, blocks = list(grid)
-    assert tasks == rois * pooled[0] * pooled[1] * -(-c // 4)
+    assert tasks == rois * pooled[0] * pooled[1] * -(-c // kernel.channels_per_thread)
     if tasks == 0:
         assert blocks == 0
         return

@@ -102,8 +102,8 @@ extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
 }
 
 // The launch grid of the real kernel (block size 256, at most kMaxBlocks
-// blocks) for tasks = rois * ph * pw * ceil(c / 4): {tasks, tasks per block,
-// blocks}.
+// blocks) for tasks = rois * ph * pw * ceil(c / kChannelsPerThread): {tasks,
+// tasks per block, blocks}.
 extern "C" void pool_grid(int64_t rois, int64_t c, int32_t ph, int32_t pw,
                           int64_t* grid) {
   const PoolDims d = make_pool_dims(rois, 1, 1, 1, c, ph, pw, kFastRcnn);
