@@ -5,6 +5,7 @@
 #
 #   build      pip install --no-build-isolation -e . (the CUDA kernels included,
 #              one thread per output element)
+#   demo       python3 -m jax_roipool: the seed example, on the GPU by default
 #   gpu        tests/test_gpu.py: GPU vs CPU kernels bit for bit, vs torchvision
 #   bench      benchmarks/bench_gpu.py, its table and JSON written beside the logs
 #   sanitizer  compute-sanitizer memcheck over a GPU test run
@@ -14,9 +15,10 @@
 #              cases and gradients, then bench_gpu.py (into $OUT/wide); ends
 #              by rebuilding the default (1)
 #
-# Usage: benchmarks/gpu_proof.sh [STEP ...]   (default: build gpu bench
+# Usage: benchmarks/gpu_proof.sh [STEP ...]   (default: build demo gpu bench
 # sanitizer suite; where one command may only run for minutes, split the
-# steps across commands, e.g. "build gpu bench wide", then "sanitizer suite")
+# steps across commands, e.g. "build demo gpu bench", then "wide sanitizer
+# suite")
 # Each step's log goes to $OUT (default ./gpu-proof); the end of each is
 # printed. The exit status is 1 if any step failed.
 set -uo pipefail
@@ -58,11 +60,12 @@ xdist_args() {
 }
 
 steps=("$@")
-if [ ${#steps[@]} -eq 0 ]; then steps=(build gpu bench sanitizer suite); fi
+if [ ${#steps[@]} -eq 0 ]; then steps=(build demo gpu bench sanitizer suite); fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 for s in "${steps[@]}"; do
   case $s in
     build) run_step build build_with_channels_per_thread 1 ;;
+    demo) run_step demo python3 -m jax_roipool ;;
     gpu) run_step gpu python3 -m pytest -q -rs tests/test_gpu.py ;;
     # One cudaMalloc per buffer, so that memcheck sees the bounds of each.
     sanitizer) run_step sanitizer env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
@@ -73,7 +76,7 @@ for s in "${steps[@]}"; do
     # shellcheck disable=SC2046
     suite) run_step suite python3 -m pytest -q -rs $(xdist_args) ;;
     wide) run_step wide wide_build_check ;;
-    *) echo "unknown step: $s (build, gpu, bench, sanitizer, suite, wide)"; exit 2 ;;
+    *) echo "unknown step: $s (build, demo, gpu, bench, sanitizer, suite, wide)"; exit 2 ;;
   esac
 done
 exit $status

@@ -34,6 +34,12 @@ def inputs(form, layout, seed=0):
     return features, boxes
 
 
+def export_for_cpu(fn, **kwargs):
+    """jax.export.export for the CPU, whatever jax's default backend (a GPU
+    machine's would be cuda): these tests run the exported code on the CPU."""
+    return jax.export.export(fn, platforms=("cpu",), **kwargs)
+
+
 def forward(layout):
     return jax.jit(lambda f, r: jrp.roi_pool_with_argmax(f, r, POOLED, SCALE, layout=layout))
 
@@ -56,13 +62,13 @@ def test_safety_checks_name_the_kernels():
 def test_export_needs_the_safety_checks(form):
     features, rois = inputs(form, "NHWC")
     with pytest.raises(ValueError, match="roipool_forward"):
-        jax.export.export(forward("NHWC"))(features, rois)
+        export_for_cpu(forward("NHWC"))(features, rois)
 
 
 @pytest.mark.parametrize("form", ["flat", "per_image"])
 def test_exported_call_in_process(form):
     features, rois = inputs(form, "NCHW", seed=1)
-    exported = jax.export.export(forward("NCHW"), disabled_checks=export_safety_checks())(
+    exported = export_for_cpu(forward("NCHW"), disabled_checks=export_safety_checks())(
         features, rois)
     assert "CustomSPMDPartitioning" not in exported.mlir_module()
     want = forward("NCHW")(features, rois)
@@ -86,9 +92,8 @@ def test_flat_form_exports_for_an_abstract_mesh():
     mesh = AbstractMesh((4,), ("x",), axis_types=(AxisType.Auto,))
     features = jax.ShapeDtypeStruct((8, H, W, C), np.float32, sharding=NamedSharding(mesh, P("x")))
     rois = jax.ShapeDtypeStruct((12, 5), np.float32)
-    exported = jax.export.export(jax.jit(lambda f, r: jrp.roi_pool(f, r, POOLED, SCALE)),
-                                 platforms=("cpu",), disabled_checks=export_safety_checks())(
-        features, rois)
+    exported = export_for_cpu(jax.jit(lambda f, r: jrp.roi_pool(f, r, POOLED, SCALE)),
+                              disabled_checks=export_safety_checks())(features, rois)
     assert exported.nr_devices == 4
 
 
@@ -147,7 +152,7 @@ def test_deserialise_in_fresh_process(tmp_path):
             checks = export_safety_checks()
             for kind, fn, args in (("forward", forward(layout), (features, rois)),
                                    ("grad", gradient(layout), (features, rois, weights))):
-                exported = jax.export.export(fn, disabled_checks=checks)(*args)
+                exported = export_for_cpu(fn, disabled_checks=checks)(*args)
                 blob = exported.serialize(vjp_order=1 if kind == "forward" else 0)
                 name = f"{form}_{layout}_{kind}"
                 (tmp_path / f"{name}.bin").write_bytes(blob)
