@@ -3,9 +3,8 @@
 // (its transpose); gather and scatter recompute the argmax rather than
 // reading a stored one. One thread per output element (or per bin and
 // group of channels, see kChannelsPerThread), contiguous task ranges per
-// block, 64-bit element offsets. The bin geometry is
-// roipool_geometry.h, shared with the CPU kernels, so both pick exactly the
-// same cells.
+// block, 64-bit element offsets. The bin geometry is roipool_geometry.h,
+// shared with the CPU kernels, so both pick exactly the same cells.
 //
 // Build without --use_fast_math and with --fmad=false: bin edges and the NaN
 // handling of the max depend on exact IEEE semantics.
