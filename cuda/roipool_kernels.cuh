@@ -82,8 +82,8 @@ constexpr int kMinBlocksPerSm =
 
 // The grid: a block walks a contiguous range of tasks_per_block tasks, so
 // that neighbouring bins of one RoI, which share their edge cells, are read
-// by the same multiprocessor close in time (hits in its L1 cache) rather
-// than by all of them through L2.
+// by the same multiprocessor close in time (where they can hit its L1
+// cache) rather than by all of them through L2.
 constexpr int64_t kMaxBlocks = 4096;  // ~10 waves on an H100 at 3-4 blocks/SM
 
 struct PoolDims {
