@@ -551,12 +551,15 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
   }
 }
 
+// Transposing walks (NHWC-ordered buffer <-> NCHW one) go in tiles of this
+// many values along the NHWC-contiguous axis: the NHWC side then moves a
+// cache line at a time, the other side as this many sequential streams.
+constexpr int64_t kTransposeTile = 16;
+
 // Calls fn(i, o, c) for every value of a chunk (RoI r, bins [k0, k1),
 // channels ch): channel c = ch.begin + j of bin k, at
 // i = (k - k0) * ch.count + j in the chunk and at o in an output-shaped
-// buffer. The buffer is walked in its own order (channel-major in NCHW), so
-// that its side is contiguous and the strided side is the small,
-// cache-resident chunk.
+// buffer.
 template <typename F>
 inline void for_chunk_values(int64_t r, int64_t k0, int64_t k1,
                              const Channels& ch, const PooledShape& p,
@@ -570,9 +573,32 @@ inline void for_chunk_values(int64_t r, int64_t k0, int64_t k1,
     }
     return;
   }
-  for (int64_t j = 0; j < ch.count; ++j) {
-    const int64_t o = pooled_offset(r, k0, ch.begin + j, p.c, bin_plane, layout);
-    for (int64_t k = 0; k < k1 - k0; ++k) fn(k * ch.count + j, o + k, ch.begin + j);
+  for (int64_t j0 = 0; j0 < ch.count; j0 += kTransposeTile) {
+    const int64_t j1 = std::min(ch.count, j0 + kTransposeTile);
+    const int64_t o = pooled_offset(r, k0, ch.begin + j0, p.c, bin_plane, layout);
+    for (int64_t k = 0; k < k1 - k0; ++k)
+      for (int64_t j = j0; j < j1; ++j)
+        fn(k * ch.count + j, o + (j - j0) * bin_plane + k, ch.begin + j);
+  }
+}
+
+// Calls fn(i, o) for every value of feature row `row` (= n * H + h): at i in
+// an NHWC-ordered feature buffer and at o in one in `layout`.
+template <typename F>
+inline void for_row_values(int64_t row, const FeatureShape& f, int32_t layout,
+                           F&& fn) {
+  const int64_t first = row * f.w * f.c;
+  if (layout == kNHWC) {
+    for (int64_t i = first; i < first + f.w * f.c; ++i) fn(i, i);
+    return;
+  }
+  const int64_t plane = f.h * f.w, n = row / f.h;
+  const int64_t row_start = n * f.c * plane + (row - n * f.h) * f.w;
+  for (int64_t w0 = 0; w0 < f.w; w0 += kTransposeTile) {
+    const int64_t w1 = std::min(f.w, w0 + kTransposeTile);
+    for (int64_t c = 0; c < f.c; ++c)
+      for (int64_t w = w0; w < w1; ++w)
+        fn(first + w * f.c + c, row_start + c * plane + w);
   }
 }
 
@@ -589,19 +615,20 @@ void add_at_cells(const int32_t* __restrict arg, const T* __restrict cot,
     acc[int64_t(arg[j]) * channels + j] += Element<T>::load(cot[j]);
 }
 
+// A hint to fetch [start, start + bytes) into the L2 cache.
+inline void prefetch_to_l2(const void* start, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64)
+    __builtin_prefetch(static_cast<const char*>(start) + b, 0, 2);
+}
+
 // [N, C, H, W] -> [N, H, W, C], split over images and rows.
 template <typename T>
 void transpose_to_nhwc(ffi::ThreadPool& pool, const T* src, T* dst,
                        const FeatureShape& f) {
-  const int64_t rows = f.n * f.h, plane = f.h * f.w;
+  const int64_t rows = f.n * f.h;
   parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / f.h, h = row % f.h;
-      const T* in = src + n * f.c * plane + h * f.w;
-      T* o = dst + row * f.w * f.c;
-      for (int64_t w = 0; w < f.w; ++w)
-        for (int64_t c = 0; c < f.c; ++c) o[w * f.c + c] = in[c * plane + w];
-    }
+    for (int64_t row = begin; row < end; ++row)
+      for_row_values(row, f, kNCHW, [&](int64_t i, int64_t o) { dst[i] = src[o]; });
   });
 }
 
@@ -773,7 +800,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     advise_huge_pages(out, grad->size_bytes());
     std::vector<T> storage;
     const T* x = nhwc_features(pool, data_of<T>(features), f, layout, storage);
-    const int64_t cells = f.n * f.h * f.w, size = cells * f.c;
+    const int64_t size = f.n * f.h * f.w * f.c;
     // The pool's threads (the calling thread helps too, but more accumulators
     // than cores would only add memory traffic).
     const int64_t workers = std::max<int64_t>(pool.num_threads(), 1);
@@ -795,6 +822,12 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
               chunk_cot = cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout);
               bin_stride = f.c;
             } else {
+              // The next RoI's cotangent (channels ch: one contiguous block)
+              // is fetched while this one is pooled and added; the strided
+              // streams of the copy below defeat the hardware prefetcher.
+              if (k0 == 0 && r + 1 < r1)
+                prefetch_to_l2(cot + pooled_offset(r + 1, 0, ch.begin, f.c, p.ph * p.pw, layout),
+                               ch.count * p.ph * p.pw * int64_t(sizeof(T)));
               for_chunk_values(r, k0, k1, ch, p, layout,
                                [&](int64_t i, int64_t o, int64_t) { cot_buffer[i] = cot[o]; });
             }
@@ -822,18 +855,17 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
         add(partial[0].data(), Channels{c0, c1 - c0}, 0, p.r);
       });
     }
-    const int64_t plane = f.h * f.w;
-    parallel_for(pool, cells, grain_for(pool, cells),
-                 [&](int64_t begin, int64_t end) {
-                   for (int64_t cell = begin; cell < end; ++cell)
-                     for (int64_t c = 0; c < f.c; ++c) {
-                       Acc sum = partial[0][cell * f.c + c];
-                       for (size_t w = 1; w < partial.size(); ++w)
-                         sum += partial[w][cell * f.c + c];
-                       out[cell_offset(cell, c, f.c, plane, layout)] =
-                           Element<T>::store(sum);
-                     }
-                 });
+    std::vector<const Acc*> parts;
+    for (const auto& acc : partial) parts.push_back(acc.data());
+    const int64_t rows = f.n * f.h;
+    parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        for_row_values(row, f, layout, [&](int64_t i, int64_t o) {
+          Acc sum = parts[0][i];
+          for (size_t w = 1; w < parts.size(); ++w) sum += parts[w][i];
+          out[o] = Element<T>::store(sum);
+        });
+    });
     return ffi::Error::Success();
   });
 }
