@@ -79,13 +79,15 @@ def _argmax_op_lowering(target: str):
 _SUMMED_IN_FLOAT32 = frozenset(map(np.dtype, (jnp.float16, jnp.bfloat16)))
 
 
+_scatter_lowering = _argmax_op_lowering("roipool_scatter")
+
+
 def _cuda_scatter_lowering(ctx, cotangent, features, rois, **config):
-    scatter = _argmax_op_lowering("roipool_scatter")
     (grad_aval,) = ctx.avals_out
     if np.dtype(grad_aval.dtype) not in _SUMMED_IN_FLOAT32:
-        return scatter(ctx, cotangent, features, rois, **config)
+        return _scatter_lowering(ctx, cotangent, features, rois, **config)
     acc_ctx = ctx.replace(avals_out=[grad_aval.update(dtype=np.dtype(np.float32))])
-    (total,) = scatter(acc_ctx, cotangent, features, rois, **config)
+    (total,) = _scatter_lowering(acc_ctx, cotangent, features, rois, **config)
     return [stablehlo.convert(mlir.aval_to_ir_type(ctx.module_context, grad_aval), total)]
 
 
@@ -111,7 +113,7 @@ def _cuda_module():
 
 
 _check_cpu_isa_cap()
-_register(_load("_cpu"), "cpu", "cpu", _argmax_op_lowering("roipool_scatter"))
+_register(_load("_cpu"), "cpu", "cpu", _scatter_lowering)
 cuda = _cuda_module()
 if cuda is not None:
     _register(cuda, "CUDA", "cuda", _cuda_scatter_lowering)
