@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -36,7 +38,7 @@ def roi_pool_with_argmax(
 def _pool(features, rois, output_size, spatial_scale, layout, bins, *, with_argmax):
     config = _checks.check_config(output_size, spatial_scale, layout, bins)
     features = _checks.check_features(features, layout)
-    rois = jnp.asarray(rois)
+    rois = _checks.as_rois_array(rois)
     if rois.ndim == 3:
         n = _checks.feature_dims(features.shape, config.layout)[0]
         rois = _checks.check_boxes(rois, n)
@@ -116,6 +118,30 @@ def roi_pool(
     Export: see :func:`export_safety_checks`.
     """
     return _pool(features, rois, output_size, spatial_scale, layout, bins, with_argmax=False)[0]
+
+
+def boxes_to_rois(boxes: Sequence[jax.typing.ArrayLike]) -> jax.Array:
+    """Per-image boxes of any lengths (torchvision's list form) -> ``[R, 5]`` rois.
+
+    ``boxes[n]`` is a ``[K_n, 4]`` array of ``(x1, y1, x2, y2)`` rows for image
+    ``n`` (``K_n = 0`` allowed). The result holds image 0's boxes, then image
+    1's, and so on, each row prefixed by its image index: the rows that
+    ``torchvision.ops.roi_pool`` builds from its ``List[Tensor[K, 4]]``, so
+    ``roi_pool(features, boxes_to_rois(boxes), ...)`` returns its
+    ``[sum K_n, ...]`` output. Works under ``jit`` (the lengths are static
+    shapes). The dtype is float64 if any box array is float64, else float32
+    (the precision roi_pool computes coordinates in).
+
+    For the same number of boxes per image, the per-image form ``[N, K, 4]``
+    is the better choice: it keeps the image axis, so it can be sharded.
+    """
+    checked = [_checks.check_image_boxes(b, f"boxes[{n}]") for n, b in enumerate(boxes)]
+    if not checked:
+        return jnp.zeros((0, 5), jnp.float32)
+    dtype = jnp.result_type(*checked)
+    return jnp.concatenate(
+        [jnp.concatenate([jnp.full((b.shape[0], 1), n, dtype), b.astype(dtype)], axis=1)
+         for n, b in enumerate(checked)])
 
 
 def export_safety_checks() -> list:

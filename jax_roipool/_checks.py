@@ -104,6 +104,19 @@ def coordinate_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def as_rois_array(rois) -> jax.Array:
+    """The rois argument as one array; a ragged list gets a pointer to boxes_to_rois."""
+    try:
+        return jnp.asarray(rois)
+    except (TypeError, ValueError) as err:
+        if not isinstance(rois, (list, tuple)):
+            raise
+        raise ValueError(
+            "roi_pool: rois must be one array, [R, 5] or [N, K, 4]; got a list that does not "
+            "stack into one. For per-image boxes [K_n, 4] of different lengths "
+            "(torchvision's list form), pass jax_roipool.boxes_to_rois(boxes)") from err
+
+
 def check_rois(rois, name: str = "rois") -> jax.Array:
     """[R, 5] rows (batch_index, x1, y1, x2, y2), cast to the coordinate dtype."""
     rois = jnp.asarray(rois)
@@ -124,7 +137,15 @@ def check_boxes(boxes, batch: int, name: str = "rois") -> jax.Array:
     return _cast_coordinates(boxes, name)
 
 
-def _cast_coordinates(rois: jax.Array, name: str) -> jax.Array:
+def check_image_boxes(boxes, name: str) -> jax.Array:
+    """[K, 4] boxes (x1, y1, x2, y2) of one image, cast to the coordinate dtype."""
+    boxes = jnp.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes_to_rois: {name} must have shape [K, 4], got {boxes.shape}")
+    return _cast_coordinates(boxes, name, caller="boxes_to_rois")
+
+
+def _cast_coordinates(rois: jax.Array, name: str, caller: str = "roi_pool") -> jax.Array:
     if not jnp.issubdtype(rois.dtype, jnp.floating):
-        raise TypeError(f"roi_pool: {name} must be floating point, got {rois.dtype}")
+        raise TypeError(f"{caller}: {name} must be floating point, got {rois.dtype}")
     return rois.astype(coordinate_dtype(rois.dtype))

@@ -184,7 +184,8 @@ def roi_pool_with_argmax(features, rois, output_size, spatial_scale=1.0, *, layo
     """
     config = _checks.check_config(output_size, spatial_scale, layout, bins)
     features = _checks.check_features(features, layout)
-    if jnp.ndim(rois) == 3:
+    rois = _checks.as_rois_array(rois)
+    if rois.ndim == 3:
         boxes = _checks.check_boxes(rois, _checks.feature_dims(features.shape, layout)[0])
         out, argmax = forward(features, per_image_rois(boxes), **config._asdict())
         lead = boxes.shape[:2]

@@ -372,3 +372,84 @@ def test_gather_scatter_at_forward_argmax(layout, family):
     assert_exact(np.asarray(got).reshape(arg.shape), pick(source, arg, layout), "gather")
     got = scatter.bind(jnp.asarray(flat_cot), jnp.asarray(features), where, **config)
     assert_exact(got, scatter_grad(cot, arg, features.shape, layout), "scatter")
+
+
+# ---------------------------------------------------------------------------
+# boxes_to_rois: torchvision's list form, per-image boxes of different lengths.
+
+def ragged_boxes(rng, counts=(2, 0, 3)):
+    """One [K_n, 4] array per image, K_n = counts[n] (a NaN box in the last image)."""
+    boxes = [random_rois(rng, N, H, W, k, SCALE)[:, 1:] for k in counts]
+    boxes[-1][0] = [0, np.nan, 4, 4]
+    return boxes
+
+
+def test_boxes_to_rois_rows():
+    boxes = ragged_boxes(np.random.default_rng(20))
+    rois = jrp.boxes_to_rois(boxes)
+    want = np.concatenate([np.c_[np.full((len(b), 1), n, np.float32), b]
+                           for n, b in enumerate(boxes)])
+    assert rois.dtype == jnp.float32
+    assert_exact(rois, want, "rois")
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_boxes_to_rois_pools_like_flat_rois(layout, bins):
+    rng = np.random.default_rng(21)
+    features = random_features(rng, feature_shape(N, H, W, C, layout), np.float32, "ties")
+    boxes = ragged_boxes(rng)
+    fn = jax.jit(lambda f, b: jrp.roi_pool_with_argmax(f, jrp.boxes_to_rois(b), POOLED, SCALE,
+                                                       layout=layout, bins=bins))
+    out, arg = fn(features, boxes)
+    rows = np.concatenate([np.c_[np.full((len(b), 1), n), b] for n, b in enumerate(boxes)])
+    want_out, want_arg = reference_loop.roi_pool_loop(features, rows, POOLED, SCALE,
+                                                      layout=layout, bins=bins)
+    assert out.shape[0] == sum(len(b) for b in boxes)
+    assert_exact(out, want_out)
+    assert_exact(arg, want_arg, "argmax")
+    weights = rng.integers(-2, 3, out.shape).astype(np.float32)
+    grad = jax.grad(lambda f: jnp.vdot(fn(f, boxes)[0], weights))(features)
+    want_grad = reference_loop.scatter_grad(weights, want_arg, features.shape, layout=layout)
+    assert_exact(grad, want_grad, "gradient")
+
+
+def test_boxes_to_rois_of_equal_lengths_is_the_flattened_per_image_form():
+    features, boxes = inputs(22, "NHWC")
+    flat = jrp.roi_pool(features, jrp.boxes_to_rois(list(boxes)), POOLED, SCALE)
+    per_image = jrp.roi_pool(features, boxes, POOLED, SCALE)
+    assert_exact(flat, np.asarray(per_image).reshape((N * K,) + flat.shape[1:]))
+
+
+def test_boxes_to_rois_dtypes_and_empty():
+    assert jrp.boxes_to_rois([]).shape == (0, 5)
+    assert jrp.boxes_to_rois([np.zeros((0, 4), np.float16)]).dtype == jnp.float32
+    mixed = [np.ones((1, 4), jnp.bfloat16), np.ones((2, 4), np.float16)]
+    assert jrp.boxes_to_rois(mixed).dtype == jnp.float32
+    with jax.enable_x64(True):
+        wide = jrp.boxes_to_rois([np.ones((1, 4), np.float32), np.full((1, 4), 0.1)])
+        assert wide.dtype == jnp.float64
+        assert wide[1, 1] == 0.1                     # float64 coordinates kept exactly
+    features = np.ones((2, 5, 5, 3), np.float32)
+    assert jrp.roi_pool(features, jrp.boxes_to_rois([np.zeros((0, 4), np.float32)] * 2),
+                        2).shape == (0, 2, 2, 3)
+
+
+@pytest.mark.parametrize("boxes, error, pattern", [
+    ([np.zeros((2, 5), np.float32)], ValueError, r"boxes\[0\].*\[K, 4\].*\(2, 5\)"),
+    ([np.zeros((2, 4), np.float32), np.zeros(4, np.float32)], ValueError, r"boxes\[1\]"),
+    ([np.zeros((2, 4), np.int32)], TypeError, r"boxes_to_rois: boxes\[0\].*int32"),
+    (np.zeros((3, 4), np.float32), ValueError, r"boxes\[0\]"),   # one image's boxes, not a list
+])
+def test_boxes_to_rois_rejects(boxes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        jrp.boxes_to_rois(boxes)
+
+
+@pytest.mark.parametrize("fn", [jrp.roi_pool, ref.roi_pool])
+def test_ragged_list_of_boxes_points_to_boxes_to_rois(fn):
+    features = np.ones((2, 5, 5, 3), np.float32)
+    for boxes in ([np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32)],
+                  [jnp.zeros((2, 4)), jnp.zeros((3, 4))]):
+        with pytest.raises(ValueError, match="boxes_to_rois"):
+            fn(features, boxes, 2)

@@ -105,9 +105,15 @@ def test_data_parallel_four_devices(trained, tmp_path):
     assert losses.shape == (DP_STEPS,) and np.isfinite(losses).all()
     assert losses[-10:].mean() < 0.85 * losses[:10].mean(), losses
     # Same data, same initial parameters: the sharded step computes the same
-    # losses up to float summation order, which compounds only slowly.
+    # losses up to float summation order. A wrong sharded gradient would show
+    # from the second step on, so the first ten steps are held tight.
     single = np.asarray(trained["losses"][:DP_STEPS])
     np.testing.assert_allclose(losses[:10], single[:10], rtol=1e-4)
+    # Later the runs drift apart: Adam scales every gradient component to about
+    # the learning rate, so a last-bit difference in a near-zero component
+    # becomes a whole step. Over 60 steps the 10-step means differed by at most
+    # 0.2% with jax 0.10.2 and 0.11.2, by 1.2% with jax 0.12.0.1 (whose
+    # per-step gradients still agree to 7e-7 from the same state).
     np.testing.assert_allclose(losses.reshape(-1, 10).mean(1),
-                               single.reshape(-1, 10).mean(1), rtol=1e-2)
+                               single.reshape(-1, 10).mean(1), rtol=5e-2)
     assert dp["accuracy"] > dp["chance"], dp
