@@ -58,17 +58,36 @@ def _check_output_size(output_size) -> tuple[int, int]:
 def _check_scale(spatial_scale) -> float:
     if isinstance(spatial_scale, jax.core.Tracer):
         raise TypeError("roi_pool: spatial_scale must be a static Python number, not a traced value")
+    if isinstance(spatial_scale, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"roi_pool: spatial_scale must be a number, got {spatial_scale!r}")
     try:
         scale = float(spatial_scale)
     except (TypeError, ValueError):
         raise TypeError(f"roi_pool: spatial_scale must be a number, got {spatial_scale!r}") from None
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"roi_pool: spatial_scale must be finite and positive, got {spatial_scale!r}")
+    # float32 rois scale their corners in float32: the scale must stay finite
+    # and non-zero there too.
+    with np.errstate(over="ignore", under="ignore"):
+        narrow = np.float32(scale)
+    if not (math.isfinite(scale) and scale > 0 and np.isfinite(narrow) and narrow > 0):
+        raise ValueError("roi_pool: spatial_scale must be positive and finite in float32 "
+                         f"(at most 3.4e38), got {spatial_scale!r}")
     return scale
 
 
+def _as_array(x, name: str) -> jax.Array:
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"roi_pool: {name} must be an array, got {type(x).__name__}: {err}") from err
+
+
+def _static(*dims) -> bool:
+    """Whether the dimensions are known numbers (not jax.export's symbolic ones)."""
+    return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
 def check_features(features, layout: str) -> jax.Array:
-    features = jnp.asarray(features)
+    features = _as_array(features, "features")
     if features.ndim != 4:
         dims = "[N, H, W, C]" if layout == "NHWC" else "[N, C, H, W]"
         raise ValueError(f"roi_pool: features must have rank 4 ({dims} for layout {layout!r}), "
@@ -77,6 +96,9 @@ def check_features(features, layout: str) -> jax.Array:
         raise TypeError("roi_pool: features must be float16, bfloat16, float32 or float64, "
                         f"got {features.dtype}")
     n, h, w = feature_dims(features.shape, layout)[:3]
+    if not _static(n, h, w):
+        # Symbolic dimensions are at least 1; the kernel checks N*H*W when it runs.
+        return features
     if min(n, h, w) < 1:
         raise ValueError(f"roi_pool: features must have non-empty batch and spatial dimensions, "
                          f"got shape {features.shape} for layout {layout!r}")
@@ -106,11 +128,11 @@ def coordinate_dtype(dtype) -> np.dtype:
 
 def as_rois_array(rois) -> jax.Array:
     """The rois argument as one array; a ragged list gets a pointer to boxes_to_rois."""
+    if not isinstance(rois, (list, tuple)):
+        return _as_array(rois, "rois")
     try:
         return jnp.asarray(rois)
     except (TypeError, ValueError) as err:
-        if not isinstance(rois, (list, tuple)):
-            raise
         raise ValueError(
             "roi_pool: rois must be one array, [R, 5] or [N, K, 4]; got a list that does not "
             "stack into one. For per-image boxes [K_n, 4] of different lengths "
@@ -134,7 +156,22 @@ def check_boxes(boxes, batch: int, name: str = "rois") -> jax.Array:
     if boxes.shape[0] != batch:
         raise ValueError(f"roi_pool: per-image {name} have batch {boxes.shape[0]} but features "
                          f"have batch {batch}")
-    return _cast_coordinates(boxes, name)
+    boxes = _cast_coordinates(boxes, name)
+    check_image_count(boxes.dtype, batch)
+    return boxes
+
+
+# Per-image boxes are pooled as rois whose batch column has the boxes'
+# coordinate dtype; float32 holds every integer up to 2**24 exactly.
+MAX_FLOAT32_IMAGES = 2**24
+
+
+def check_image_count(dtype, images) -> None:
+    """Image indices must be exact in the rois' dtype (per-image boxes, vmapped images)."""
+    if (np.dtype(dtype) == np.float32 and _static(images)
+            and images > MAX_FLOAT32_IMAGES):
+        raise ValueError(f"roi_pool: {images} images (more than 2**24, counting vmapped copies) "
+                         "need float64 rois or boxes: their image index is float32 otherwise")
 
 
 def check_image_boxes(boxes, name: str) -> jax.Array:

@@ -33,6 +33,8 @@ Native flat lowerings are registered in ``_native``; the pure-JAX ones from
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -74,7 +76,10 @@ def _eager_impl(primitive):
         return jax.jit(functools.partial(primitive.bind, **params))
 
     def impl(*args, **params):
-        return compiled(**params)(*args)
+        # Under jax.disable_jit() the jit would call this impl again, forever;
+        # the kernel only runs compiled, so compile this one call regardless.
+        with jax.disable_jit(False):
+            return compiled(**params)(*args)
 
     return impl
 
@@ -220,9 +225,26 @@ def _to_front(x, dim, size):
     return jnp.moveaxis(x, dim, 0)
 
 
+def _spec(x) -> tuple:
+    """x's PartitionSpec, one entry per axis (all None unless sharded in its type)."""
+    spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()))
+    return spec + (None,) * (x.ndim - len(spec))
+
+
 def _merge(x, axis):
-    """Merges axes ``axis`` and ``axis + 1``."""
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    """Merges axes ``axis`` and ``axis + 1``. With explicitly sharded types the
+    merged axis is sharded like the major one; a sharded minor axis has no
+    such equivalent and is gathered first."""
+    shape = x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:]
+    spec = _spec(x)
+    if spec[axis] is None and spec[axis + 1] is None:
+        return x.reshape(shape)
+    mesh = jax.typeof(x).sharding.mesh
+    if spec[axis + 1] is not None:
+        gathered = spec[:axis + 1] + (None,) + spec[axis + 2:]
+        x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*gathered)))
+    merged = spec[:axis + 1] + spec[axis + 2:]
+    return jnp.reshape(x, shape, out_sharding=NamedSharding(mesh, PartitionSpec(*merged)))
 
 
 def _split(x, axis, major, minor):
@@ -234,9 +256,24 @@ def _batch_size(args, dims):
     return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
 
-def _check_image_index(rois, images):
-    if rois.dtype == np.float32 and images > 2**24:
-        raise ValueError("roi_pool: vmap over more than 2**24 images needs float64 rois")
+def _unless_empty(primitive, rule):
+    """A batching rule that answers a mapped axis of size 0 with empty results
+    (there is nothing to fold, and N = 0 or R = 0 would divide by zero)."""
+
+    def batched(args, dims, **params):
+        if _batch_size(args, dims) != 0:
+            return rule(args, dims, **params)
+        element = [jax.ShapeDtypeStruct(a.shape if d is None else a.shape[:d] + a.shape[d + 1:],
+                                        a.dtype) for a, d in zip(args, dims)]
+        results = jax.eval_shape(functools.partial(primitive.bind, **params), *element)
+        if not primitive.multiple_results:
+            return jnp.zeros((0,) + results.shape, results.dtype), 0
+        out, argmax = results
+        if not params["with_argmax"]:  # the unbatched placeholder stays one
+            return (jnp.zeros((0,) + out.shape, out.dtype), jnp.zeros((0,), np.int32)), (0, None)
+        return tuple(jnp.zeros((0,) + r.shape, r.dtype) for r in results), (0, 0)
+
+    return batched
 
 
 def _fold_flat(images, image_dims, rois, rois_dim, size, layout, *, fold_images):
@@ -251,7 +288,7 @@ def _fold_flat(images, image_dims, rois, rois_dim, size, layout, *, fold_images)
     n = images[0].shape[1]  # images per batch element (N leads in both layouts)
     images = [_merge(x, 0) for x in images]
     _checks.check_features(images[0], layout)  # the folded N*H*W must still fit int32
-    _check_image_index(rois, size * n)
+    _checks.check_image_count(rois.dtype, size * n)
     # Invalid batch indices stay invalid (they must not land in a neighbouring copy).
     b = rois[..., 0]
     offset = (jnp.arange(size, dtype=rois.dtype) * n)[:, None]
@@ -303,8 +340,10 @@ def _scatter_batch(args, dims, **config):
 # ---------------------------------------------------------------------------
 # Batching of the per-image family: no index offsets (the argmax is
 # image-local). Mapped images are folded image-major, [N, B, ...] ->
-# [N * B, ...], which keeps a sharded N sharded alike; shared (unmapped)
-# images take the mapped axis into the box axis K instead, copying no features.
+# [N * B, ...], which keeps a sharded N sharded alike, or batch-major where
+# only the mapped axis is sharded in the types (explicit mesh axes), which
+# keeps that one sharded. Shared (unmapped) images take the mapped axis into
+# the box axis K instead, copying no features.
 
 def _to_second(x, dim, size):
     """Moves the mapped axis to position 1, broadcasting an unmapped operand."""
@@ -314,50 +353,76 @@ def _to_second(x, dim, size):
     return jnp.moveaxis(x, dim, 1)
 
 
-def _fold_per_image(images, image_dims, boxes, boxes_dim, size, layout, *, fold_images):
-    """(images, boxes, axis, lead): the per-image counterpart of ``_fold_flat``.
-    The batch axis went into N (``fold_images``) or K (shared images); a
-    result splits back along ``axis`` into ``lead``."""
-    boxes = _to_second(boxes, boxes_dim, size)  # [N, B, K, 4]
-    if not fold_images:  # shared images: [N, B * K] boxes
-        return images, _merge(boxes, 1), 1, boxes.shape[1:3]
-    images = [_merge(_to_second(x, d, size), 0) for x, d in zip(images, image_dims)]
+def _batch_major(operands, dims) -> bool:
+    """Whether some operand's mapped axis is sharded while its N (the element's
+    first axis) is not."""
+    for x, dim in zip(operands, dims):
+        if dim is not None:
+            spec = _spec(x)
+            if spec[dim] is not None and spec[1 if dim == 0 else 0] is None:
+                return True
+    return False
+
+
+class _PerImageFold(NamedTuple):
+    """How a batched per-image call was folded into one unbatched call."""
+    fold: Callable | None  # (operand, its mapped dim) -> it folded like the images
+    split: Callable        # result -> (result with the batch axis split out, batch dim)
+
+
+def _fold_per_image(images, image_dims, boxes, boxes_dim, size, layout, *, fold_images,
+                    batch_major=False):
+    """(images, boxes, _PerImageFold): the per-image counterpart of ``_fold_flat``."""
+    if not fold_images:  # shared images: [N, B, K, 4] -> [N, B * K, 4] boxes
+        boxes = _to_second(boxes, boxes_dim, size)
+        lead = boxes.shape[1:3]
+        return images, _merge(boxes, 1), _PerImageFold(None, lambda r: (_split(r, 1, *lead), 1))
+    move = _to_front if batch_major else _to_second
+
+    def fold(x, dim):
+        return _merge(move(x, dim, size), 0)
+
+    images = [fold(x, d) for x, d in zip(images, image_dims)]
     _checks.check_features(images[0], layout)  # N*B*H*W must fit int32
-    _check_image_index(boxes, images[0].shape[0])
-    return images, _merge(boxes, 0), 0, boxes.shape[:2]
+    _checks.check_image_count(boxes.dtype, images[0].shape[0])
+    n = images[0].shape[0] // size
+    lead, out_dim = ((size, n), 0) if batch_major else ((n, size), 1)
+    return images, fold(boxes, boxes_dim), _PerImageFold(
+        fold, lambda r: (_split(r, 0, *lead), out_dim))
 
 
 def _per_image_batch(args, dims, *, with_argmax, **config):
     features, boxes = args
     size = _batch_size(args, dims)
-    (features,), boxes, axis, lead = _fold_per_image(
+    (features,), boxes, how = _fold_per_image(
         [features], dims[:1], boxes, dims[1], size, config["layout"],
-        fold_images=dims[0] is not None)
+        fold_images=dims[0] is not None, batch_major=_batch_major(args[:1], dims[:1]))
     out, argmax = per_image_p.bind(features, boxes, with_argmax=with_argmax, **config)
+    out, out_dim = how.split(out)
     if not with_argmax:
-        return (_split(out, axis, *lead), argmax), (1, None)
-    return (_split(out, axis, *lead), _split(argmax, axis, *lead)), (1, 1)
+        return (out, argmax), (out_dim, None)
+    return (out, how.split(argmax)[0]), (out_dim, out_dim)
 
 
 def _per_image_gather_batch(args, dims, **config):
     source, features, boxes = args
     size = _batch_size(args, dims)
-    (source, features), boxes, axis, lead = _fold_per_image(
+    (source, features), boxes, how = _fold_per_image(
         [source, features], dims[:2], boxes, dims[2], size, config["layout"],
-        fold_images=dims[0] is not None or dims[1] is not None)
-    out = per_image_gather_p.bind(source, features, boxes, **config)
-    return _split(out, axis, *lead), 1
+        fold_images=dims[0] is not None or dims[1] is not None,
+        batch_major=_batch_major(args[:2], dims[:2]))
+    return how.split(per_image_gather_p.bind(source, features, boxes, **config))
 
 
 def _per_image_scatter_batch(args, dims, **config):
     cotangent, features, boxes = args
     size = _batch_size(args, dims)
     # Every batch element has its own gradient, so the images are always folded.
-    (features,), boxes, axis, lead = _fold_per_image(
-        [features], dims[1:2], boxes, dims[2], size, config["layout"], fold_images=True)
-    cotangent = _merge(_to_second(cotangent, dims[0], size), 0)
-    out = per_image_scatter_p.bind(cotangent, features, boxes, **config)
-    return _split(out, axis, *lead), 1
+    (features,), boxes, how = _fold_per_image(
+        [features], dims[1:2], boxes, dims[2], size, config["layout"], fold_images=True,
+        batch_major=_batch_major(args[:2], dims[:2]))
+    cotangent = how.fold(cotangent, dims[0])
+    return how.split(per_image_scatter_p.bind(cotangent, features, boxes, **config))
 
 
 # ---------------------------------------------------------------------------
@@ -432,12 +497,11 @@ for _family in (FLAT, PER_IMAGE):
     ad.primitive_transposes[_family.gather] = _transpose_to(_family.scatter)
     ad.primitive_transposes[_family.scatter] = _transpose_to(_family.gather)
 
-batching.primitive_batchers[roi_pool_p] = _roi_pool_batch
-batching.primitive_batchers[gather_p] = _gather_batch
-batching.primitive_batchers[scatter_p] = _scatter_batch
-batching.primitive_batchers[per_image_p] = _per_image_batch
-batching.primitive_batchers[per_image_gather_p] = _per_image_gather_batch
-batching.primitive_batchers[per_image_scatter_p] = _per_image_scatter_batch
+for _p, _rule in ((roi_pool_p, _roi_pool_batch), (gather_p, _gather_batch),
+                  (scatter_p, _scatter_batch), (per_image_p, _per_image_batch),
+                  (per_image_gather_p, _per_image_gather_batch),
+                  (per_image_scatter_p, _per_image_scatter_batch)):
+    batching.primitive_batchers[_p] = _unless_empty(_p, _rule)
 
 # Flat family: the default lowering for every platform; _native overrides
 # cpu and cuda with the kernels.

@@ -76,6 +76,37 @@ def test_exported_call_in_process(form):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("form, specs", [
+    ("flat", ("b, 9, 11, 3", "r, 5", "r, 3, 4, 3")),
+    ("per_image", ("b, 9, 11, 3", "b, k, 4", "b, k, 3, 4, 3")),
+    ("flat", ("b, h, w, c", "r, 5", "r, 3, 4, c")),
+    ("per_image", ("b, h, w, c", "b, k, 4", "b, k, 3, 4, c")),
+])
+def test_shape_polymorphic_export(form, specs):
+    """Symbolic dimensions (jax.export.symbolic_args_specs): one export serves
+    every shape; forward, argmax and gradient equal the jitted ones."""
+    features, rois = inputs(form, "NHWC", seed=3)
+    weights = np.ones(forward("NHWC")(features, rois)[0].shape, np.float32)
+    f_spec, r_spec, w_spec = jax.export.symbolic_args_specs((features, rois, weights), specs)
+    checks = export_safety_checks()
+    fwd = export_for_cpu(forward("NHWC"), disabled_checks=checks)(f_spec, r_spec)
+    grad = export_for_cpu(gradient("NHWC"), disabled_checks=checks)(f_spec, r_spec, w_spec)
+    spatial_symbolic = "h" in specs[0]
+    for seed, n in ((4, N), (5, N + 3)):  # two concrete shapes
+        rng = np.random.default_rng(seed)
+        h, w, c = (H + n, W - n, C + n) if spatial_symbolic else (H, W, C)
+        f = rng.integers(-3, 4, (n, h, w, c)).astype(np.float32)
+        if form == "flat":
+            r = np.concatenate([rng.integers(0, n, (7, 1)), rng.uniform(-2, 2 * w, (7, 4))], 1)
+        else:
+            r = rng.uniform(-2, 2 * w, (n, K + 1, 4))
+        r = r.astype(np.float32)
+        for got, want in zip(fwd.call(f, r), forward("NHWC")(f, r)):
+            np.testing.assert_array_equal(got, want)
+        cot = rng.integers(-2, 3, forward("NHWC")(f, r)[0].shape).astype(np.float32)
+        np.testing.assert_array_equal(grad.call(f, r, cot), gradient("NHWC")(f, r, cot))
+
+
 def test_multi_platform_export():
     features, rois = inputs("per_image", "NHWC")
     exported = jax.export.export(forward("NHWC"), platforms=("cpu", "cuda"),

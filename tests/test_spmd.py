@@ -211,6 +211,49 @@ def _child():
         no_all_gather(fn, fs, bs)
 
     @check
+    def explicit_vmap():
+        """vmap under explicit mesh axes, with the mapped axis or the image axis
+        sharded: folding them together must keep the types consistent."""
+        mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
+        features = np.stack([features_for("NHWC") for _ in range(DEVICES)])  # [B, N, ...]
+        boxes = np.stack([boxes_for() for _ in range(DEVICES)])
+        rois = flat(boxes[0])
+        weights = rng.integers(-2, 3, (DEVICES, N, K) + POOLED + (C,)).astype(np.float32)
+
+        def per_image(f, b, w):
+            out, arg = jrp.roi_pool_with_argmax(f, b, POOLED, SCALE)
+            g = jax.grad(lambda f: jnp.sum(jrp.roi_pool(f, b, POOLED, SCALE) * w))(f)
+            return out, arg, g
+
+        def flat_form(f, w):
+            out, arg = jrp.roi_pool_with_argmax(f, rois, POOLED, SCALE)
+            g = jax.grad(lambda f: jnp.sum(jrp.roi_pool(f, rois, POOLED, SCALE) * w))(f)
+            return out, arg, g
+
+        flat_weights = weights.reshape((DEVICES, N * K) + POOLED + (C,))
+        cases = {  # name: (fn, in_axes, args, the arguments' specs)
+            "per-image, mapped axis sharded": (per_image, (0, 0, 0),
+                                               (features, boxes, weights), P("x")),
+            "per-image, shared boxes": (per_image, (0, None, 0),
+                                        (features, boxes[0], weights), P("x")),
+            "per-image, N sharded": (per_image, (0, 0, 0), (features, boxes, weights),
+                                     P(None, "x")),
+            "flat, mapped axis sharded": (flat_form, (0, 0), (features, flat_weights), P("x")),
+            "flat, N sharded": (flat_form, (0, 0), (features, flat_weights), P(None, "x")),
+        }
+        for name, (fn, in_axes, args, spec) in cases.items():
+            batched = jax.jit(jax.vmap(fn, in_axes=in_axes))
+            want = batched(*args)
+            with jax.set_mesh(mesh):
+                sharded = [jax.device_put(a, spec) if axis is not None else a
+                           for a, axis in zip(args, in_axes)]
+                got = batched(*sharded)
+                if name.startswith("per-image"):  # each device pools its own images
+                    no_all_gather(batched, *sharded)
+            for g, w, what in zip(got, want, ("output", "argmax", "gradient")):
+                same(g, w, f"{name}: {what}")
+
+    @check
     def no_boxes():
         mesh = auto_mesh()
         put = putter(mesh)
@@ -343,7 +386,7 @@ def results():
 
 
 CHECKS = ["per_image_auto_mesh", "per_image_explicit_mesh", "per_image_gspmd_partitioner",
-          "channels_sharded_too", "sharded_vmap", "no_boxes", "negative_controls",
+          "channels_sharded_too", "sharded_vmap", "explicit_vmap", "no_boxes", "negative_controls",
           "flat_form_sharded", "shard_map_per_image", "shard_map_flat", "export_sharded"]
 
 

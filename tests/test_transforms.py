@@ -68,6 +68,57 @@ def test_eager_equals_jit(layout, bins):
         assert_exact(arg, want_arg)
 
 
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+def test_disable_jit(form):
+    """Under jax.disable_jit() (a debugging mode) every entry point runs eagerly
+    and gives the jitted results."""
+    features, rois = batched_inputs(6, "NHWC", kind="ties")
+    features, rois = features[0], rois[0]
+    if form == "per_image":
+        rois = rois[:N * 5, 1:].reshape(N, 5, 4)
+    weights = np.random.default_rng(7).integers(-2, 3, pool(features, rois)[0].shape)
+
+    def everything(f, r):
+        out, arg = pool(f, r)
+        grad = jax.grad(lambda f: jnp.sum(pool(f, r)[0] * weights))(f)
+        tangent = jax.jvp(lambda f: pool(f, r)[0], (f,), (f * 2,))[1]
+        batched = jax.vmap(lambda f: pool(f, r)[0])(jnp.stack([f, -f]))
+        return out, arg, grad, tangent, batched
+
+    want = jax.jit(everything)(features, rois)
+    with jax.disable_jit():
+        got = everything(features, rois)
+    for g, w in zip(got, want):
+        assert_exact(g, np.asarray(w))
+
+
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("f_axis, r_axis", [(0, None), (None, 0), (0, 0)])
+def test_vmap_over_an_empty_axis(f_axis, r_axis, layout, form):
+    """A mapped axis of size 0 gives empty results (forward, argmax, gradient,
+    JVP), shaped as for any other size."""
+    features, rois = batched_inputs(8, layout)
+    if form == "per_image":
+        rois = rois[:, :N * 5, 1:].reshape(B, N, 5, 4)
+    features = features[0] if f_axis is None else features[:0]
+    rois = rois[0] if r_axis is None else rois[:0]
+    element = [jax.ShapeDtypeStruct(x.shape if axis is None else x.shape[1:], x.dtype)
+               for x, axis in ((features, f_axis), (rois, r_axis))]
+    element_out = jax.eval_shape(functools.partial(pool, layout=layout), *element)[0]
+    fn = jax.vmap(functools.partial(pool, layout=layout), in_axes=(f_axis, r_axis))
+    for f in (fn, jax.jit(fn)):
+        out, arg = f(features, rois)
+        assert out.shape == arg.shape == (0,) + element_out.shape
+        assert out.dtype == np.float32 and arg.dtype == np.int32
+    grads = jax.vmap(jax.grad(lambda f, r: jnp.sum(pool(f, r, layout)[0])),
+                     in_axes=(f_axis, r_axis))(features, rois)
+    assert grads.shape == (0,) + element[0].shape
+    tangents = jax.vmap(lambda f, r: jax.jvp(lambda f: pool(f, r, layout)[0], (f,), (f,))[1],
+                        in_axes=(f_axis, r_axis))(features, rois)
+    assert tangents.shape == (0,) + element_out.shape
+
+
 # (features batch axis, rois batch axis); None = not mapped.
 VMAP_AXES = [(0, None), (None, 0), (0, 0), (1, None), (None, 1), (1, 1), (4, 2), (3, 0)]
 

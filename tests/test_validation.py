@@ -52,6 +52,12 @@ BAD_CASES = {
     "spatial_scale_nan": (dict(spatial_scale=float("nan")), ValueError, "spatial_scale"),
     "spatial_scale_inf": (dict(spatial_scale=float("inf")), ValueError, "spatial_scale"),
     "spatial_scale_str": (dict(spatial_scale="half"), TypeError, "spatial_scale"),
+    "spatial_scale_numeric_str": (dict(spatial_scale="0.5"), TypeError, "spatial_scale"),
+    "spatial_scale_bool": (dict(spatial_scale=True), TypeError, "spatial_scale"),
+    # Finite in float64 but not in float32, where float32 rois are scaled.
+    "spatial_scale_overflows_float32": (dict(spatial_scale=1e39), ValueError, "spatial_scale"),
+    "spatial_scale_underflows_float32": (dict(spatial_scale=1e-50), ValueError,
+                                         "spatial_scale"),
 }
 
 # Both entry points of the native op and the jax reference share the checks.
@@ -114,3 +120,32 @@ def test_errors_name_the_shape_or_dtype():
         jrp.roi_pool(FEATURES, np.zeros((3, 4), np.float32), 2)
     with pytest.raises(TypeError, match="int32"):
         jrp.roi_pool(FEATURES.astype(np.int32), ROIS, 2)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS.values(), ids=FUNCTIONS.keys())
+def test_none_arguments_are_named(fn):
+    with pytest.raises(TypeError, match="roi_pool: rois must be an array"):
+        fn(FEATURES, None, 2)
+    with pytest.raises(TypeError, match="roi_pool: features must be an array"):
+        fn(None, ROIS, 2)
+
+
+def test_image_index_must_be_exact_in_float32():
+    """Per-image boxes pool as rois whose image index has the boxes' dtype:
+    float32 cannot tell images apart beyond 2**24, so that needs float64."""
+    many = 2**24 + 1
+    features = jax.ShapeDtypeStruct((many, 1, 1, 1), jnp.float32)
+    pool = lambda f, b: jrp.roi_pool(f, b, 1)  # noqa: E731
+    with pytest.raises(ValueError, match="float64"):
+        jax.eval_shape(pool, features, jax.ShapeDtypeStruct((many, 1, 4), jnp.float32))
+    with jax.enable_x64(True):
+        out = jax.eval_shape(pool, features, jax.ShapeDtypeStruct((many, 1, 4), jnp.float64))
+        assert out.shape == (many, 1, 1, 1, 1)
+    # 2**24 images are still exact in float32.
+    exact = jax.ShapeDtypeStruct((2**24, 1, 1, 1), jnp.float32)
+    jax.eval_shape(pool, exact, jax.ShapeDtypeStruct((2**24, 1, 4), jnp.float32))
+    # vmap folds its copies of the images into N: the same bound applies to the total.
+    half = jax.ShapeDtypeStruct((2, 2**23 + 1, 1, 1, 1), jnp.float32)
+    for rois in (ROIS, np.zeros((2**23 + 1, 1, 4), np.float32)):
+        with pytest.raises(ValueError, match="float64"):
+            jax.eval_shape(jax.vmap(lambda f: jrp.roi_pool(f, rois, 1)), half)
