@@ -124,6 +124,9 @@ ROIPOOL_HD Axis<C> make_axis(C lo, C hi, int32_t pooled, int32_t bins) {
   return a;
 }
 
+// Above every valid batch index (N * H * W fits int32) and exact in float32.
+constexpr double kMaxBatchIndex = 2147483648.0;  // 2^31
+
 // Decodes one row (batch_index, x1, y1, x2, y2) of the rois array.
 template <typename C>
 ROIPOOL_HD RoiGrid<C> make_roi_grid(const C* roi, C spatial_scale,
@@ -135,9 +138,12 @@ ROIPOOL_HD RoiGrid<C> make_roi_grid(const C* roi, C spatial_scale,
   const C y1 = roi[2] * spatial_scale;
   const C x2 = roi[3] * spatial_scale;
   const C y2 = roi[4] * spatial_scale;
-  // Batch index truncates toward zero (as a C cast); NaN fails both tests.
-  g.valid = batch_size > 0 && b > C(-1) && b < C(batch_size) && is_finite(x1) &&
-            is_finite(y1) && is_finite(x2) && is_finite(y2);
+  // Batch index truncates toward zero (as a C cast); NaN fails the range
+  // test. The bound N is compared as an integer: C(N) may round (float32
+  // above 2^24), the truncated index cannot.
+  const bool in_range = b > C(-1) && b < C(kMaxBatchIndex);
+  g.valid = batch_size > 0 && in_range && static_cast<int64_t>(b) < batch_size &&
+            is_finite(x1) && is_finite(y1) && is_finite(x2) && is_finite(y2);
   g.batch = g.valid ? static_cast<int64_t>(b) : 0;
   if (!g.valid) {
     g.y = Axis<C>{0, 0, C(0)};

@@ -1,4 +1,4 @@
-"""Public API: ``roi_pool`` and ``roi_pool_with_argmax``."""
+"""Public API: ``roi_pool``, ``roi_pool_with_argmax`` and ``boxes_to_rois``."""
 
 from __future__ import annotations
 
@@ -36,14 +36,8 @@ def roi_pool_with_argmax(
 
 
 def _pool(features, rois, output_size, spatial_scale, layout, bins, *, with_argmax):
-    config = _checks.check_config(output_size, spatial_scale, layout, bins)
-    features = _checks.check_features(features, layout)
-    rois = _checks.as_rois_array(rois)
-    if rois.ndim == 3:
-        n = _checks.feature_dims(features.shape, config.layout)[0]
-        rois = _checks.check_boxes(rois, n)
-    else:
-        rois = _checks.check_rois(rois)
+    config, features, rois = _checks.check_arguments(features, rois, output_size, spatial_scale,
+                                                     layout, bins)
     features, rois = _align_varying(features, rois)
     primitive = per_image_p if rois.ndim == 3 else roi_pool_p
     out, argmax = primitive.bind(features, rois, **config._asdict(), with_argmax=with_argmax)
@@ -129,12 +123,16 @@ def boxes_to_rois(boxes: Sequence[jax.typing.ArrayLike]) -> jax.Array:
     ``torchvision.ops.roi_pool`` builds from its ``List[Tensor[K, 4]]``, so
     ``roi_pool(features, boxes_to_rois(boxes), ...)`` returns its
     ``[sum K_n, ...]`` output. Works under ``jit`` (the lengths are static
-    shapes). The dtype is float64 if any box array is float64, else float32
-    (the precision roi_pool computes coordinates in).
+    shapes). The dtype is float64 if any box array is float64 (with
+    ``jax_enable_x64``), else float32: the precision roi_pool computes
+    coordinates in.
 
     For the same number of boxes per image, the per-image form ``[N, K, 4]``
     is the better choice: it keeps the image axis, so it can be sharded.
     """
+    if not hasattr(boxes, "__iter__"):
+        raise TypeError("boxes_to_rois: boxes must be a sequence of [K, 4] arrays, one per "
+                        f"image, got {type(boxes).__name__}")
     checked = [_checks.check_image_boxes(b, f"boxes[{n}]") for n, b in enumerate(boxes)]
     if not checked:
         return jnp.zeros((0, 5), jnp.float32)

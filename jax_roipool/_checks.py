@@ -29,6 +29,20 @@ class Config(NamedTuple):
     bins: str
 
 
+def check_arguments(features, rois, output_size, spatial_scale, layout, bins):
+    """(Config, features, rois) of a roi_pool call, validated; rois are the
+    flat ``[R, 5]`` or per-image ``[N, K, 4]`` form, in their coordinate dtype."""
+    config = check_config(output_size, spatial_scale, layout, bins)
+    features = check_features(features, layout)
+    rois = as_rois_array(rois)
+    if rois.ndim == 3:
+        rois = check_boxes(rois, feature_dims(features.shape, layout)[0])
+    else:
+        rois = check_rois(rois)
+    check_scale_precision(config.spatial_scale, rois.dtype)
+    return config, features, rois
+
+
 def check_config(output_size, spatial_scale, layout, bins) -> Config:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"roi_pool: layout must be one of {LAYOUTS}, got {layout!r}")
@@ -64,21 +78,29 @@ def _check_scale(spatial_scale) -> float:
         scale = float(spatial_scale)
     except (TypeError, ValueError):
         raise TypeError(f"roi_pool: spatial_scale must be a number, got {spatial_scale!r}") from None
-    # float32 rois scale their corners in float32: the scale must stay finite
-    # and non-zero there too.
-    with np.errstate(over="ignore", under="ignore"):
-        narrow = np.float32(scale)
-    if not (math.isfinite(scale) and scale > 0 and np.isfinite(narrow) and narrow > 0):
-        raise ValueError("roi_pool: spatial_scale must be positive and finite in float32 "
-                         f"(at most 3.4e38), got {spatial_scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"roi_pool: spatial_scale must be finite and positive, got {spatial_scale!r}")
     return scale
 
 
-def _as_array(x, name: str) -> jax.Array:
+def check_scale_precision(spatial_scale: float, coordinates) -> None:
+    """Rois are scaled in their coordinate dtype: for float32 ones the scale
+    must stay finite and non-zero in float32 too."""
+    if np.dtype(coordinates) != np.float32:
+        return
+    with np.errstate(over="ignore", under="ignore"):
+        narrow = np.float32(spatial_scale)
+    if not (np.isfinite(narrow) and narrow > 0):
+        raise ValueError("roi_pool: spatial_scale must be finite and non-zero in float32 for "
+                         f"float32 rois (between 1.4e-45 and 3.4e38), got {spatial_scale!r}; "
+                         "float64 rois take any finite positive scale")
+
+
+def _as_array(x, name: str, caller: str = "roi_pool") -> jax.Array:
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"roi_pool: {name} must be an array, got {type(x).__name__}: {err}") from err
+        raise TypeError(f"{caller}: {name} must be an array, got {type(x).__name__}: {err}") from err
 
 
 def _static(*dims) -> bool:
@@ -96,13 +118,12 @@ def check_features(features, layout: str) -> jax.Array:
         raise TypeError("roi_pool: features must be float16, bfloat16, float32 or float64, "
                         f"got {features.dtype}")
     n, h, w = feature_dims(features.shape, layout)[:3]
-    if not _static(n, h, w):
-        # Symbolic dimensions are at least 1; the kernel checks N*H*W when it runs.
-        return features
-    if min(n, h, w) < 1:
+    # jax.export's symbolic dimensions are at least 1; their product is
+    # checked by the native kernels when they run.
+    if any(_static(d) and d < 1 for d in (n, h, w)):
         raise ValueError(f"roi_pool: features must have non-empty batch and spatial dimensions, "
                          f"got shape {features.shape} for layout {layout!r}")
-    if n * h * w > MAX_CELLS:
+    if _static(n, h, w) and n * h * w > MAX_CELLS:
         raise ValueError(f"roi_pool: features have {n * h * w} cells (N*H*W), more than the "
                          f"int32 argmax can address ({MAX_CELLS})")
     return features
@@ -133,10 +154,20 @@ def as_rois_array(rois) -> jax.Array:
     try:
         return jnp.asarray(rois)
     except (TypeError, ValueError) as err:
+        if not all(_converts(item) for item in rois):
+            return _as_array(rois, "rois")  # raises: not numbers at all
         raise ValueError(
             "roi_pool: rois must be one array, [R, 5] or [N, K, 4]; got a list that does not "
             "stack into one. For per-image boxes [K_n, 4] of different lengths "
             "(torchvision's list form), pass jax_roipool.boxes_to_rois(boxes)") from err
+
+
+def _converts(x) -> bool:
+    try:
+        jnp.asarray(x)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_rois(rois, name: str = "rois") -> jax.Array:
@@ -171,12 +202,13 @@ def check_image_count(dtype, images) -> None:
     if (np.dtype(dtype) == np.float32 and _static(images)
             and images > MAX_FLOAT32_IMAGES):
         raise ValueError(f"roi_pool: {images} images (more than 2**24, counting vmapped copies) "
-                         "need float64 rois or boxes: their image index is float32 otherwise")
+                         "need float64 rois or boxes, whose image index is float32 otherwise "
+                         "(with jax_enable_x64 on: without it float64 arrays become float32)")
 
 
 def check_image_boxes(boxes, name: str) -> jax.Array:
     """[K, 4] boxes (x1, y1, x2, y2) of one image, cast to the coordinate dtype."""
-    boxes = jnp.asarray(boxes)
+    boxes = _as_array(boxes, name, caller="boxes_to_rois")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes_to_rois: {name} must have shape [K, 4], got {boxes.shape}")
     return _cast_coordinates(boxes, name, caller="boxes_to_rois")

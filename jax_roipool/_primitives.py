@@ -33,7 +33,6 @@ Native flat lowerings are registered in ``_native``; the pure-JAX ones from
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -190,12 +189,7 @@ def _typed_like(x, aval):
     have = getattr(jax.typeof(x), "sharding", None)
     if _mesh(aval) is None or want is None or have is None:
         return x
-
-    def entries(sharding):
-        spec = tuple(sharding.spec)
-        return spec + (None,) * (x.ndim - len(spec))
-
-    if entries(want) == entries(have):
+    if _sharding.spec_entries(want, x.ndim) == _sharding.spec_entries(have, x.ndim):
         return x
     return jax.sharding.reshard(x, want)
 
@@ -227,8 +221,7 @@ def _to_front(x, dim, size):
 
 def _spec(x) -> tuple:
     """x's PartitionSpec, one entry per axis (all None unless sharded in its type)."""
-    spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()))
-    return spec + (None,) * (x.ndim - len(spec))
+    return _sharding.spec_entries(getattr(jax.typeof(x), "sharding", None), x.ndim)
 
 
 def _merge(x, axis):
@@ -257,8 +250,9 @@ def _batch_size(args, dims):
 
 
 def _unless_empty(primitive, rule):
-    """A batching rule that answers a mapped axis of size 0 with empty results
-    (there is nothing to fold, and N = 0 or R = 0 would divide by zero)."""
+    """A batching rule that answers a mapped axis of size 0 with empty results:
+    the rules fold the mapped axis into N or R and split results by its size,
+    and N = 0 is no valid feature map."""
 
     def batched(args, dims, **params):
         if _batch_size(args, dims) != 0:
@@ -372,7 +366,13 @@ class _PerImageFold(NamedTuple):
 
 def _fold_per_image(images, image_dims, boxes, boxes_dim, size, layout, *, fold_images,
                     batch_major=False):
-    """(images, boxes, _PerImageFold): the per-image counterpart of ``_fold_flat``."""
+    """(images, boxes, _PerImageFold): the per-image counterpart of ``_fold_flat``.
+
+    ``fold_images``: the mapped axis goes into N, ahead of it if
+    ``batch_major`` (see ``_batch_major``); otherwise the images are shared and
+    the mapped axis goes into K, where nothing else needs folding (``fold`` is
+    None: a scatter always folds its images, as each copy has its own gradient).
+    """
     if not fold_images:  # shared images: [N, B, K, 4] -> [N, B * K, 4] boxes
         boxes = _to_second(boxes, boxes_dim, size)
         lead = boxes.shape[1:3]

@@ -79,7 +79,8 @@ def signature(op: str, layout: str, with_argmax: bool = True) -> Signature:
     raise ValueError(op)
 
 
-def _spec_entries(sharding, ndim: int):
+def spec_entries(sharding, ndim: int) -> tuple:
+    """A sharding's PartitionSpec with one entry per axis (all None if not a NamedSharding)."""
     if not isinstance(sharding, NamedSharding):
         return (None,) * ndim
     spec = tuple(sharding.spec)
@@ -95,7 +96,7 @@ def choose_axes(sig: Signature, shardings) -> dict:
     shards it, unless those mesh axes are already in use by another label."""
     axes, used = {}, set()
     for dims, sharding in zip(sig.operands, shardings):
-        for label, entry in zip(dims, _spec_entries(sharding, len(dims))):
+        for label, entry in zip(dims, spec_entries(sharding, len(dims))):
             if label not in sig.keep or label in axes or entry is None:
                 continue
             names = set(_axis_names(entry))
@@ -159,7 +160,7 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
         results = []
         for dims, shape in zip(sig.results, user_shape):
             mesh_ = _mesh_of(mesh, [shape.sharding])
-            entries = _spec_entries(shape.sharding, len(dims))
+            entries = spec_entries(shape.sharding, len(dims))
             spec = [e if label in sig.keep else None for label, e in zip(dims, entries)]
             results.append(NamedSharding(mesh_, PartitionSpec(*spec)))
         return tuple(results)

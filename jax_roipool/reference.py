@@ -67,10 +67,14 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     scale = jnp.asarray(spatial_scale, rois.dtype)
     b = rois[:, 0]
     x1, y1, x2, y2 = (rois[:, k] * scale for k in range(1, 5))
-    valid = (b > -1) & (b < n)
+    # As the kernels: the bound N is compared after truncation, as an integer
+    # (n itself may round in float32 above 2**24).
+    in_range = (b > -1) & (b < 2.0**31)
+    batch = jnp.where(in_range, b, 0).astype(jnp.int32)
+    valid = in_range & (batch < n)
     for v in (x1, y1, x2, y2):
         valid &= jnp.isfinite(v)
-    batch = jnp.where(valid, b, 0).astype(jnp.int32)
+    batch = jnp.where(valid, batch, 0)
     y_begin, y_end = _axis_spans(y1, y2, ph, h, bins)
     x_begin, x_end = _axis_spans(x1, x2, pw, w, bins)
 
@@ -182,15 +186,12 @@ def roi_pool_with_argmax(features, rois, output_size, spatial_scale=1.0, *, layo
     ``rois``: ``[R, 5]`` or per-image ``[N, K, 4]``; the argmax holds flat cell
     indices ``(n * H + h) * W + w`` for both, as the public function's.
     """
-    config = _checks.check_config(output_size, spatial_scale, layout, bins)
-    features = _checks.check_features(features, layout)
-    rois = _checks.as_rois_array(rois)
+    config, features, rois = _checks.check_arguments(features, rois, output_size, spatial_scale,
+                                                     layout, bins)
     if rois.ndim == 3:
-        boxes = _checks.check_boxes(rois, _checks.feature_dims(features.shape, layout)[0])
-        out, argmax = forward(features, per_image_rois(boxes), **config._asdict())
-        lead = boxes.shape[:2]
+        out, argmax = forward(features, per_image_rois(rois), **config._asdict())
+        lead = rois.shape[:2]
         return out.reshape(lead + out.shape[1:]), argmax.reshape(lead + argmax.shape[1:])
-    rois = _checks.check_rois(rois)
     return forward(features, rois, **config._asdict())
 
 

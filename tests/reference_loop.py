@@ -77,7 +77,8 @@ def roi_geometry(roi, n: int, h: int, w: int, pooled: tuple[int, int], spatial_s
         b = ctype(roi[0])
         scale = ctype(spatial_scale)
         x1, y1, x2, y2 = (ctype(roi[k]) * scale for k in range(1, 5))
-        if not (b > ctype(-1) and b < ctype(n)):
+        # Valid: truncated toward zero, in [0, N) (compared as integers).
+        if not (np.isfinite(b) and b > ctype(-1) and math.trunc(float(b)) < n):
             return None
         if not all(np.isfinite(v) for v in (x1, y1, x2, y2)):
             return None

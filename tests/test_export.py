@@ -96,15 +96,24 @@ def test_shape_polymorphic_export(form, specs):
         rng = np.random.default_rng(seed)
         h, w, c = (H + n, W - n, C + n) if spatial_symbolic else (H, W, C)
         f = rng.integers(-3, 4, (n, h, w, c)).astype(np.float32)
-        if form == "flat":
-            r = np.concatenate([rng.integers(0, n, (7, 1)), rng.uniform(-2, 2 * w, (7, 4))], 1)
+        if form == "flat":  # R and K vary with n too
+            r = np.concatenate([rng.integers(0, n, (2 * n, 1)), rng.uniform(-2, 2 * w, (2 * n, 4))],
+                               1)
         else:
-            r = rng.uniform(-2, 2 * w, (n, K + 1, 4))
+            r = rng.uniform(-2, 2 * w, (n, n + 1, 4))
         r = r.astype(np.float32)
         for got, want in zip(fwd.call(f, r), forward("NHWC")(f, r)):
             np.testing.assert_array_equal(got, want)
         cot = rng.integers(-2, 3, forward("NHWC")(f, r)[0].shape).astype(np.float32)
         np.testing.assert_array_equal(grad.call(f, r, cot), gradient("NHWC")(f, r, cot))
+
+
+def test_symbolic_export_still_rejects_static_empty_dimensions():
+    features = np.ones((2, 0, 11, 3), np.float32)
+    args = jax.export.symbolic_args_specs((features, np.ones((3, 5), np.float32)),
+                                          ("b, 0, 11, 3", "r, 5"))
+    with pytest.raises(ValueError, match="non-empty"):
+        export_for_cpu(forward("NHWC"), disabled_checks=export_safety_checks())(*args)
 
 
 def test_multi_platform_export():

@@ -440,6 +440,9 @@ def test_boxes_to_rois_dtypes_and_empty():
     ([np.zeros((2, 4), np.float32), np.zeros(4, np.float32)], ValueError, r"boxes\[1\]"),
     ([np.zeros((2, 4), np.int32)], TypeError, r"boxes_to_rois: boxes\[0\].*int32"),
     (np.zeros((3, 4), np.float32), ValueError, r"boxes\[0\]"),   # one image's boxes, not a list
+    (None, TypeError, "sequence"),
+    (3, TypeError, "sequence"),
+    ([None], TypeError, r"boxes\[0\] must be an array"),
 ])
 def test_boxes_to_rois_rejects(boxes, error, pattern):
     with pytest.raises(error, match=pattern):

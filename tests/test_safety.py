@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax_roipool as jrp
+import jax_roipool.reference as ref
 import reference_loop
 from conftest import (BINS, DTYPES, LAYOUTS, assert_exact, check_case, dtype_id, feature_shape,
                       random_features, x64_for)
@@ -53,6 +54,24 @@ def test_fractional_batch_index_truncates(batch, image):
     rois = np.array([[batch, 0, 0, 9, 7]], np.float32)
     out, _ = check_case(features, rois, 1)
     assert np.array_equal(out[0, 0, 0], features[image].max(axis=(0, 1)))
+
+
+def test_batch_index_beyond_the_float32_integers():
+    """N = 2**24 + 1 rounds down in float32, but image 2**24 is still valid and
+    2**24 + 2 (exact in float32) still invalid: the bound is an integer test."""
+    n = 2**24 + 1
+    features = np.zeros((n, 1, 1, 1), np.float32)
+    features[2**24] = 7
+    features[0] = 5
+    rois = np.array([[2**24, 0, 0, 0, 0], [2**24 + 2, 0, 0, 0, 0], [-0.5, 0, 0, 0, 0]],
+                    np.float32)
+    want_out, want_arg = [[7], [0], [5]], [[2**24], [-1], [0]]
+    for pool in (jrp.roi_pool_with_argmax, jax.jit(ref.roi_pool_with_argmax, static_argnums=2)):
+        out, arg = pool(features, rois, 1)
+        assert_exact(out.reshape(3, 1), np.array(want_out, np.float64))
+        assert_exact(arg.reshape(3, 1), np.array(want_arg))
+    expected = reference_loop.roi_pool_loop(features, rois, 1)
+    assert_exact(expected[1].reshape(3, 1), np.array(want_arg))   # the loop agrees
 
 
 @pytest.mark.parametrize("bins", BINS)

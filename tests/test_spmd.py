@@ -234,8 +234,11 @@ def _child():
         cases = {  # name: (fn, in_axes, args, the arguments' specs)
             "per-image, mapped axis sharded": (per_image, (0, 0, 0),
                                                (features, boxes, weights), P("x")),
-            "per-image, shared boxes": (per_image, (0, None, 0),
-                                        (features, boxes[0], weights), P("x")),
+            "per-image, unmapped boxes": (per_image, (0, None, 0),
+                                          (features, boxes[0], weights), P("x")),
+            # Shared images: the mapped axis goes into K, not N.
+            "per-image, unmapped features": (per_image, (None, 0, 0),
+                                             (features[0], boxes, weights), P("x")),
             "per-image, N sharded": (per_image, (0, 0, 0), (features, boxes, weights),
                                      P(None, "x")),
             "flat, mapped axis sharded": (flat_form, (0, 0), (features, flat_weights), P("x")),
@@ -252,6 +255,14 @@ def _child():
                     no_all_gather(batched, *sharded)
             for g, w, what in zip(got, want, ("output", "argmax", "gradient")):
                 same(g, w, f"{name}: {what}")
+        # Both the mapped axis and N sharded (2-D mesh): right, though gathered.
+        mesh2 = jax.make_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+        batched = jax.jit(jax.vmap(per_image))
+        want = batched(features, boxes, weights)
+        with jax.set_mesh(mesh2):
+            got = batched(*(jax.device_put(a, P("x", "y")) for a in (features, boxes, weights)))
+        for g, w, what in zip(got, want, ("output", "argmax", "gradient")):
+            same(g, w, f"2-D mesh: {what}")
 
     @check
     def no_boxes():

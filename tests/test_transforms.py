@@ -111,6 +111,11 @@ def test_vmap_over_an_empty_axis(f_axis, r_axis, layout, form):
         out, arg = f(features, rois)
         assert out.shape == arg.shape == (0,) + element_out.shape
         assert out.dtype == np.float32 and arg.dtype == np.int32
+    # roi_pool alone: the kernel's argmax is skipped (an unbatched placeholder).
+    plain = jax.vmap(lambda f, r: jrp.roi_pool(f, r, POOLED, SCALE, layout=layout),
+                     in_axes=(f_axis, r_axis))
+    for f in (plain, jax.jit(plain)):
+        assert f(features, rois).shape == (0,) + element_out.shape
     grads = jax.vmap(jax.grad(lambda f, r: jnp.sum(pool(f, r, layout)[0])),
                      in_axes=(f_axis, r_axis))(features, rois)
     assert grads.shape == (0,) + element[0].shape

@@ -9,6 +9,7 @@ import pytest
 
 import jax_roipool as jrp
 import jax_roipool.reference as ref
+from conftest import assert_exact
 
 FEATURES = np.ones((2, 6, 7, 3), np.float32)
 ROIS = np.array([[0, 0, 0, 4, 4], [1, 1, 1, 5, 5]], np.float32)
@@ -123,11 +124,32 @@ def test_errors_name_the_shape_or_dtype():
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS.values(), ids=FUNCTIONS.keys())
-def test_none_arguments_are_named(fn):
-    with pytest.raises(TypeError, match="roi_pool: rois must be an array"):
-        fn(FEATURES, None, 2)
+def test_non_arrays_are_named(fn):
+    for rois in (None, [None], [1.0, object()], (object(),)):
+        with pytest.raises(TypeError, match="roi_pool: rois must be an array"):
+            fn(FEATURES, rois, 2)
     with pytest.raises(TypeError, match="roi_pool: features must be an array"):
         fn(None, ROIS, 2)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS.values(), ids=FUNCTIONS.keys())
+def test_float64_rois_take_scales_beyond_float32(fn):
+    """The float32 range bounds spatial_scale only for float32 rois: float64
+    rois are scaled in float64."""
+    features = np.random.default_rng(0).standard_normal((2, 6, 7, 3))
+    rois = np.array([[0, 0, 0, 4, 4], [1, 3, 2, 5, 5]], np.float64)
+
+    def pooled(*args):
+        out = fn(*args)
+        return out[0] if isinstance(out, tuple) else out
+
+    with jax.enable_x64(True):
+        tiny = pooled(features, rois, 2, 1e-50)   # every corner rounds to cell (0, 0)
+        assert_exact(tiny, np.broadcast_to(features[[0, 1], None, None, 0, 0], tiny.shape))
+        huge = pooled(features, rois, 2, 1e39)    # corners clamp far outside the map
+        assert_exact(huge, ref.roi_pool(features, rois, 2, 1e39))
+    with pytest.raises(ValueError, match="float32"):
+        pooled(features.astype(np.float32), rois.astype(np.float32), 2, 1e39)
 
 
 def test_image_index_must_be_exact_in_float32():
