@@ -37,7 +37,8 @@ namespace {
 
 // ---------------------------------------------------------------------------
 // Element types. 16-bit floats arrive as raw bits; they are compared and
-// accumulated in float, and outputs of the max are copied bit-exactly.
+// accumulated in float. The max goes back through float exactly, except that
+// a signalling NaN comes back quiet.
 
 struct Half {
   uint16_t bits;

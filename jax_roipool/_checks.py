@@ -93,7 +93,7 @@ def check_scale_precision(spatial_scale: float, coordinates) -> None:
     if not (np.isfinite(narrow) and narrow > 0):
         raise ValueError("roi_pool: spatial_scale must be finite and non-zero in float32 for "
                          f"float32 rois (between 1.4e-45 and 3.4e38), got {spatial_scale!r}; "
-                         "float64 rois take any finite positive scale")
+                         "float64 rois (with jax_enable_x64) take any finite positive scale")
 
 
 def _as_array(x, name: str, caller: str = "roi_pool") -> jax.Array:

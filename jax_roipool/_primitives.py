@@ -283,7 +283,9 @@ def _fold_flat(images, image_dims, rois, rois_dim, size, layout, *, fold_images)
     images = [_merge(x, 0) for x in images]
     _checks.check_features(images[0], layout)  # the folded N*H*W must still fit int32
     _checks.check_image_count(rois.dtype, size * n)
-    # Invalid batch indices stay invalid (they must not land in a neighbouring copy).
+    # Invalid batch indices stay invalid (they must not land in a neighbouring
+    # copy). Unlike the kernels, this compares in the rois' dtype: exact, as
+    # check_image_count keeps float32 totals within 2**24.
     b = rois[..., 0]
     offset = (jnp.arange(size, dtype=rois.dtype) * n)[:, None]
     rois = rois.at[..., 0].set(jnp.where((b > -1) & (b < n), jnp.trunc(b) + offset, -1))

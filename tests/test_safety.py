@@ -40,8 +40,8 @@ def assert_roi_invalid(features, rois, k, *, layout, bins, scale=1.0):
 
 @pytest.mark.parametrize("bins", BINS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("batch", [-1.0, -1.5, float(N), N + 0.5, 1e9, -1e9, np.nan, np.inf,
-                                   -np.inf])
+@pytest.mark.parametrize("batch", [-1.0, -1.5, float(N), N + 0.5, 1e9, -1e9, 2.0**31, 3e9, 1e30,
+                                   np.nan, np.inf, -np.inf])
 def test_invalid_batch_index(batch, layout, bins):
     rois = np.array([VALID, [batch, 0, 0, 9, 7], VALID], np.float32)
     assert_roi_invalid(features_for(layout), rois, 1, layout=layout, bins=bins)
@@ -72,6 +72,14 @@ def test_batch_index_beyond_the_float32_integers():
         assert_exact(arg.reshape(3, 1), np.array(want_arg))
     expected = reference_loop.roi_pool_loop(features, rois, 1)
     assert_exact(expected[1].reshape(3, 1), np.array(want_arg))   # the loop agrees
+    # float64 rois name the images in between exactly.
+    wide = np.array([[2**24 + 0.5, 0, 0, 0, 0], [2**24 + 1, 0, 0, 0, 0]])
+    with jax.enable_x64(True):
+        for pool in (jrp.roi_pool_with_argmax,
+                     jax.jit(ref.roi_pool_with_argmax, static_argnums=2)):
+            out, arg = pool(features, wide, 1)
+            assert_exact(out.reshape(2, 1), np.array([[7], [0]], np.float64))
+            assert_exact(arg.reshape(2, 1), np.array([[2**24], [-1]]))
 
 
 @pytest.mark.parametrize("bins", BINS)
