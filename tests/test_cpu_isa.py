@@ -102,7 +102,22 @@ def run_cases(path):
             value = np.asarray(value)
             results[f"{name}/{key}"] = value if value.dtype == np.int32 else \
                 value.astype(np.float64)
+    for dtype in BITS_DTYPES:
+        for layout in LAYOUTS:
+            features = every_16bit_value(dtype, layout)
+            out = jrp.roi_pool(features, np.zeros((1, 5), np.float32), 1, layout=layout)
+            results[f"bits/{dtype_id(dtype)}/{layout}"] = np.asarray(out).view(np.uint16)
     np.savez(path, **results)
+
+
+BITS_DTYPES = (jnp.float16, jnp.bfloat16)
+
+
+def every_16bit_value(dtype, layout):
+    """One cell whose channels hold every bit pattern of a 16-bit type (NaN
+    payloads and signalling NaNs too), as features of the given layout."""
+    values = np.arange(2**16, dtype=np.uint16).view(dtype)
+    return values.reshape((1, 1, 1, -1) if layout == "NHWC" else (1, -1, 1, 1))
 
 
 def env_capped(cap):
@@ -160,6 +175,13 @@ def test_build_matches_loop_reference(isa, expected, tmp_path):
             assert_exact(got[f"{name}/{key}"], value, what)
             if key in ("out", "maxima"):  # the first of -0.0 and +0.0
                 assert np.array_equal(np.signbit(got[f"{name}/{key}"]), np.signbit(value)), what
+    for dtype in BITS_DTYPES:  # the max of one cell is that cell, bit for bit
+        for layout in LAYOUTS:
+            bits = got[f"bits/{dtype_id(dtype)}/{layout}"].reshape(-1)
+            changed = np.flatnonzero(bits != np.arange(2**16))
+            assert changed.size == 0, (f"{isa} {dtype_id(dtype)} {layout}: {changed.size} bit "
+                                       f"patterns changed, e.g. {hex(changed[0])} -> "
+                                       f"{hex(bits[changed[0]])}")
 
 
 @pytest.mark.parametrize("cap", [None, *ISAS])
