@@ -154,20 +154,12 @@ def as_rois_array(rois) -> jax.Array:
     try:
         return jnp.asarray(rois)
     except (TypeError, ValueError) as err:
-        if not all(_converts(item) for item in rois):
-            return _as_array(rois, "rois")  # raises: not numbers at all
+        for item in rois:  # an item that is no array at all raises TypeError here
+            _as_array(item, "rois")
         raise ValueError(
             "roi_pool: rois must be one array, [R, 5] or [N, K, 4]; got a list that does not "
             "stack into one. For per-image boxes [K_n, 4] of different lengths "
             "(torchvision's list form), pass jax_roipool.boxes_to_rois(boxes)") from err
-
-
-def _converts(x) -> bool:
-    try:
-        jnp.asarray(x)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def check_rois(rois, name: str = "rois") -> jax.Array:
