@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <type_traits>
 #include <vector>
@@ -63,35 +64,53 @@ struct Element {  // float and double
   static T store(Acc v) { return v; }
 };
 
+// a if pick else b, as masks rather than a branch, so that the loops that
+// convert 16-bit values vectorize (GCC does not if-convert a chain of them).
+inline uint32_t select_bits(bool pick, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(pick);
+  return (a & mask) | (b & ~mask);
+}
+
 template <>
 struct Element<Half> {
   using Acc = float;
-  // Integer operations and one float subtraction, computed for every value
-  // and merged with masks: no branch, no conversion instruction, so the
-  // pooling loops vectorize in every build (a scalar conversion per value
-  // made float16 pooling 15x slower than float32). A normal float16 is
-  // rebiased (exponent + 112); a subnormal m * 2^-24 is (1 + m/1024) * 2^-14
-  // minus 2^-14, exact and without a denormal operand, so flushing modes do
-  // not matter; Inf and NaN take float's all-ones exponent, mantissa kept.
+  // Both conversions are integer operations and one float add or subtract,
+  // computed for every value and merged with select_bits: no conversion
+  // instruction or libgcc call, which kept the loops scalar (float16 pooling
+  // was 15x slower than float32), and no denormal operand, so flushing modes
+  // do not matter.
+  //
+  // Widening: a normal float16 is rebiased (exponent + 112); a subnormal
+  // m * 2^-24 is (1 + m/1024) * 2^-14 minus 2^-14; Inf and NaN take float's
+  // all-ones exponent, mantissa kept.
   static float load(Half v) {
     constexpr uint32_t kExponent = 0x7c00u << 13;
     const uint32_t body = uint32_t(v.bits & 0x7fff) << 13;
     const uint32_t sign = uint32_t(v.bits & 0x8000) << 16;
     const uint32_t exponent = body & kExponent;
-    const uint32_t subnormal = 0u - uint32_t(exponent == 0);  // all ones or zero
     const uint32_t normal = body + (112u << 23);
     const uint32_t small =
         bits_as<uint32_t>(bits_as<float>(body + (113u << 23)) - 0x1p-14f);
-    const uint32_t special = exponent == kExponent ? 0x7f800000u : 0u;
-    return bits_as<float>(((small & subnormal) | (normal & ~subnormal) | special) | sign);
+    const uint32_t special = exponent == kExponent ? 0x7f800000u : 0u;  // Inf, NaN
+    return bits_as<float>(select_bits(exponent == 0, small, normal) | special | sign);
   }
+  // Narrowing, rounded to nearest even: a normal result is rebiased
+  // (exponent - 112) and rounded with integer adds (a carry into the
+  // exponent is the right result, up to Inf); below 2^-14, |v| + 0.5 rounds
+  // in float to a multiple of 2^-24, whose count is its low mantissa bits.
+  // NaNs keep their top ten mantissa bits (0x200, quiet, if those are zero),
+  // so a load's NaN comes back bit for bit.
   static Half store(float v) {
-    if (v != v) {  // the mantissa a load widened, or a quiet NaN
-      const uint32_t u = bits_as<uint32_t>(v);
-      const uint16_t mantissa = uint16_t((u >> 13) & 0x3ff);
-      return Half{uint16_t(((u >> 16) & 0x8000) | 0x7c00 | (mantissa ? mantissa : 0x200))};
-    }
-    return bits_as<Half>(static_cast<_Float16>(v));
+    const uint32_t u = bits_as<uint32_t>(v);
+    const uint32_t a = u & 0x7fffffff;
+    const uint32_t normal = (a - (112u << 23) + 0xfff + ((a >> 13) & 1)) >> 13;
+    const uint32_t small = bits_as<uint32_t>(bits_as<float>(a) + 0.5f) - 0x3f000000u;
+    const uint32_t mantissa = (a >> 13) & 0x3ff;
+    const uint32_t nan = 0x7c00 | select_bits(mantissa != 0, mantissa, 0x200);
+    uint32_t h = select_bits(a < (113u << 23), small, normal);
+    h = select_bits(a >= (143u << 23), 0x7c00, h);  // 2^16 and above: Inf
+    h = select_bits(a > 0x7f800000u, nan, h);
+    return Half{uint16_t(h | ((u >> 16) & 0x8000))};
   }
 };
 
@@ -212,12 +231,9 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ROIPOOL_X86_ISAS 1
-// F16C rounds a float to float16 in one instruction (Element<Half>::store)
-// in these builds' pooling loops; elsewhere (the scatter's final sum, the
-// baseline build) each store is a libgcc call.
-#define ROIPOOL_TARGET_AVX2 __attribute__((target("avx2,f16c")))
+#define ROIPOOL_TARGET_AVX2 __attribute__((target("avx2")))
 #define ROIPOOL_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,f16c")))
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
 #else
 #define ROIPOOL_X86_ISAS 0
 #endif
@@ -228,7 +244,6 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 Isa best_isa() {
 #if ROIPOOL_X86_ISAS
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("f16c")) return Isa::kBaseline;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
     return Isa::kAvx512;
@@ -638,8 +653,25 @@ void add_at_cells(const int32_t* __restrict arg, const T* __restrict cot,
                   typename Element<T>::Acc* __restrict acc, int64_t channels,
                   int64_t count) {
   if (count == 0 || arg[0] < 0) return;
-  for (int64_t j = 0; j < count; ++j)
-    acc[int64_t(arg[j]) * channels + j] += Element<T>::load(cot[j]);
+  using Acc = typename Element<T>::Acc;
+  const auto add = [&](const Acc* values, int64_t j0, int64_t n) {
+    for (int64_t j = 0; j < n; ++j)
+      acc[int64_t(arg[j0 + j]) * channels + j0 + j] += values[j];
+  };
+  if constexpr (std::is_same_v<T, Acc>) {
+    add(cot, 0, count);
+  } else {
+    // 16-bit values are widened in a loop of their own, which vectorizes;
+    // the scattered adds cannot, and widening float16 inside them took
+    // most of the float16 backward.
+    constexpr int64_t kBlock = 256;
+    Acc wide[kBlock];
+    for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, count - j0);
+      for (int64_t j = 0; j < n; ++j) wide[j] = Element<T>::load(cot[j0 + j]);
+      add(wide, j0, n);
+    }
+  }
 }
 
 // A hint to fetch [start, start + bytes) into the L2 cache.

@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 import jax_roipool as jrp
 import reference_loop
-from conftest import (BINS, DTYPES, LAYOUTS, assert_exact, dtype_id, feature_shape,
+from conftest import (BINS, DTYPES, LAYOUTS, assert_bitwise, assert_exact, dtype_id, feature_shape,
                       random_features, random_rois, x64_for)
 
 
@@ -207,3 +207,50 @@ def test_grad_over_several_chunks(layout):
     rois = random_rois(rng, n, h, w, 9, 1.0, adversarial=True)
     cotangent = rng.integers(-3, 4, (9, 7, 7, c)).astype(np.float32)
     assert_gradient_exact(features, rois, cotangent, layout)
+
+
+def rounding_pairs(dtype, count, rng):
+    """(a, b): every bit pattern of the 16-bit dtype as a (cycled to count),
+    and for each a finite b that makes a + b a tie, a near-tie or an
+    arbitrary sum when rounded back to the dtype (ties to even, overflow to
+    Inf at the top)."""
+    a = np.resize(np.arange(2**16, dtype=np.uint16), count).view(dtype)
+    finite = np.isfinite(a.astype(np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):  # at the top of the range and NaN
+        ulp = np.spacing(np.abs(np.where(finite, a, 0))).astype(np.float32)
+        offset = rng.choice([0.5, 0.5, 0.5 - 2.0**-6, 0.5 + 2.0**-6, 0.25], count)
+        b = (ulp * offset * rng.choice([-1.0, 1.0], count)).astype(dtype)
+        arbitrary = rng.random(count) < 0.2
+        b[arbitrary] = rng.standard_normal(arbitrary.sum()).astype(dtype) * a[arbitrary]
+    b[~np.isfinite(b.astype(np.float32))] = 0
+    return a, b
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=dtype_id)
+def test_16bit_grad_rounds_the_float32_sum_to_nearest_even(dtype, layout):
+    # 16-bit gradients are summed in float32 and rounded once at the end.
+    # Each cell here is the argmax of exactly two one-cell RoIs, so its
+    # gradient is a + b in float32, rounded: every 16-bit pattern as a, with
+    # partners chosen to make ties (both parities), near-ties, overflow to
+    # Inf, subnormal results and NaNs.
+    width, channels = 64, 1024
+    a, b = rounding_pairs(np.dtype(dtype), width * channels, np.random.default_rng(13))
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = np.float32(0) + a.astype(np.float32) + b.astype(np.float32)
+        want = exact.astype(dtype)
+    # The pairs really round, both ways, and overflow.
+    assert (want.astype(np.float32) > exact).sum() > 4000
+    assert (want.astype(np.float32) < exact).sum() > 4000
+    assert np.isinf(want.astype(np.float32)).sum() > np.isinf(a.astype(np.float32)).sum()
+    x = np.arange(width, dtype=np.float32)
+    rois = np.zeros((2 * width, 5), np.float32)
+    rois[:, 1] = rois[:, 3] = np.concatenate([x, x])  # RoI i covers cell i % width
+    features = np.zeros((1, 1, width, channels), dtype)
+    cotangent = np.concatenate([a, b]).reshape(2 * width, 1, 1, channels)
+    want = want.reshape(1, 1, width, channels)
+    if layout == "NCHW":
+        features, cotangent = features.transpose(0, 3, 1, 2), cotangent.transpose(0, 3, 1, 2)
+        want = want.transpose(0, 3, 1, 2)
+    grad = vjp_features(features, rois, cotangent, 1, 1.0, layout, "fast_rcnn")
+    assert_bitwise(grad, want, "rounded 16-bit gradient")
