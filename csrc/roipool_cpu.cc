@@ -16,7 +16,6 @@
 #include <mutex>
 #include <type_traits>
 #include <utility>
-#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -77,8 +76,9 @@ struct Element<Half> {
   // Both conversions are integer operations and one float add or subtract,
   // computed for every value and merged with select_bits: no conversion
   // instruction or libgcc call, which kept the loops scalar (float16 pooling
-  // was 15x slower than float32), and no denormal operand, so flushing modes
-  // do not matter.
+  // was 15x slower than float32). Flushing modes do not matter: the float
+  // operations see no denormal, except a float32 subnormal being stored,
+  // whose result is a signed zero whether it is flushed or not.
   //
   // Widening: a normal float16 is rebiased (exponent + 112); a subnormal
   // m * 2^-24 is (1 + m/1024) * 2^-14 minus 2^-14; Inf and NaN take float's
