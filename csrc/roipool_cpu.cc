@@ -915,16 +915,20 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
         add(partial[0].data(), Channels{c0, c1 - c0}, 0, p.r);
       });
     }
-    std::vector<const Acc*> parts;
-    for (const auto& acc : partial) parts.push_back(acc.data());
-    const int64_t rows = f.n * f.h;
+    // Row by row, the accumulators are summed into the first in worker order
+    // and the sum is stored; each loop is a plain one, which vectorizes.
+    const int64_t rows = f.n * f.h, row_size = f.w * f.c;
+    Acc* total = partial[0].data();
     parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row)
-        for_row_values(row, f, layout, [&](int64_t i, int64_t o) {
-          Acc sum = parts[0][i];
-          for (size_t w = 1; w < parts.size(); ++w) sum += parts[w][i];
-          out[o] = Element<T>::store(sum);
-        });
+      for (int64_t row = begin; row < end; ++row) {
+        Acc* __restrict sum = total + row * row_size;
+        for (size_t w = 1; w < partial.size(); ++w) {
+          const Acc* __restrict part = partial[w].data() + row * row_size;
+          for (int64_t j = 0; j < row_size; ++j) sum[j] += part[j];
+        }
+        for_row_values(row, f, layout,
+                       [&](int64_t i, int64_t o) { out[o] = Element<T>::store(total[i]); });
+      }
     });
     return ffi::Error::Success();
   });
