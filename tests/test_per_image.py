@@ -384,13 +384,18 @@ def ragged_boxes(rng, counts=(2, 0, 3)):
     return boxes
 
 
+def rows_of(boxes):
+    """The [R, 5] rows of per-image boxes, written out: each image's boxes in
+    turn, prefixed by its index."""
+    return np.concatenate([np.c_[np.full((len(b), 1), n, np.float32), b]
+                           for n, b in enumerate(boxes)])
+
+
 def test_boxes_to_rois_rows():
     boxes = ragged_boxes(np.random.default_rng(20))
     rois = jrp.boxes_to_rois(boxes)
-    want = np.concatenate([np.c_[np.full((len(b), 1), n, np.float32), b]
-                           for n, b in enumerate(boxes)])
     assert rois.dtype == jnp.float32
-    assert_exact(rois, want, "rois")
+    assert_exact(rois, rows_of(boxes), "rois")
 
 
 @pytest.mark.parametrize("bins", BINS)
@@ -402,8 +407,7 @@ def test_boxes_to_rois_pools_like_flat_rois(layout, bins):
     fn = jax.jit(lambda f, b: jrp.roi_pool_with_argmax(f, jrp.boxes_to_rois(b), POOLED, SCALE,
                                                        layout=layout, bins=bins))
     out, arg = fn(features, boxes)
-    rows = np.concatenate([np.c_[np.full((len(b), 1), n), b] for n, b in enumerate(boxes)])
-    want_out, want_arg = reference_loop.roi_pool_loop(features, rows, POOLED, SCALE,
+    want_out, want_arg = reference_loop.roi_pool_loop(features, rows_of(boxes), POOLED, SCALE,
                                                       layout=layout, bins=bins)
     assert out.shape[0] == sum(len(b) for b in boxes)
     assert_exact(out, want_out)
