@@ -592,56 +592,74 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
   }
 }
 
-// Transposing walks (between an NHWC-ordered buffer and an NCHW one) go in
-// tiles of this many values along one side's contiguous axis (channels for a
-// chunk, W for a feature row): that side moves in runs of this many values,
-// the other as this many sequential streams.
-constexpr int64_t kTransposeTile = 16;
-
-// Calls fn(i, o, c) for every value of a chunk (RoI r, bins [k0, k1),
-// channels ch): channel c = ch.begin + j of bin k, at
-// i = (k - k0) * ch.count + j in the chunk and at o in an output-shaped
-// buffer.
-template <typename F>
-inline void for_chunk_values(int64_t r, int64_t k0, int64_t k1,
-                             const Channels& ch, const PooledShape& p,
-                             int32_t layout, F&& fn) {
-  const int64_t bin_plane = p.ph * p.pw;
-  if (layout == kNHWC) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t i = (k - k0) * ch.count;
-      const int64_t o = pooled_offset(r, k, ch.begin, p.c, bin_plane, layout);
-      for (int64_t j = 0; j < ch.count; ++j) fn(i + j, o + j, ch.begin + j);
-    }
-    return;
-  }
-  for (int64_t j0 = 0; j0 < ch.count; j0 += kTransposeTile) {
-    const int64_t j1 = std::min(ch.count, j0 + kTransposeTile);
-    const int64_t o = pooled_offset(r, k0, ch.begin + j0, p.c, bin_plane, layout);
-    for (int64_t k = 0; k < k1 - k0; ++k)
-      for (int64_t j = j0; j < j1; ++j)
-        fn(k * ch.count + j, o + (j - j0) * bin_plane + k, ch.begin + j);
+#if defined(__SSE2__)
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 4, in SSE
+// registers: 2-, 4- and 8-byte values move as integer, float or double
+// lanes, bit exact (the unaligned SSE types may alias any type).
+template <typename U>
+inline void transpose_block_sse(const U* src, int64_t src_stride, U* dst,
+                                int64_t dst_stride) {
+  static_assert(sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8);
+  const auto row = [&](int i) { return src + i * src_stride; };
+  const auto col = [&](int j) { return dst + j * dst_stride; };
+  if constexpr (sizeof(U) == 2) {
+    const auto load = [&](int i) {
+      return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row(i)));
+    };
+    const __m128i r01 = _mm_unpacklo_epi16(load(0), load(1));
+    const __m128i r23 = _mm_unpacklo_epi16(load(2), load(3));
+    const __m128i c01 = _mm_unpacklo_epi32(r01, r23), c23 = _mm_unpackhi_epi32(r01, r23);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(col(0)), c01);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(col(1)), _mm_unpackhi_epi64(c01, c01));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(col(2)), c23);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(col(3)), _mm_unpackhi_epi64(c23, c23));
+  } else if constexpr (sizeof(U) == 4) {
+    const auto load = [&](int i) { return _mm_loadu_ps(reinterpret_cast<const float*>(row(i))); };
+    __m128 r0 = load(0), r1 = load(1), r2 = load(2), r3 = load(3);
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    _mm_storeu_ps(reinterpret_cast<float*>(col(0)), r0);
+    _mm_storeu_ps(reinterpret_cast<float*>(col(1)), r1);
+    _mm_storeu_ps(reinterpret_cast<float*>(col(2)), r2);
+    _mm_storeu_ps(reinterpret_cast<float*>(col(3)), r3);
+  } else {
+    // Four 2 x 2 blocks of two-lane registers.
+    for (int i = 0; i < 4; i += 2)
+      for (int j = 0; j < 4; j += 2) {
+        const __m128d a = _mm_loadu_pd(reinterpret_cast<const double*>(row(i) + j));
+        const __m128d b = _mm_loadu_pd(reinterpret_cast<const double*>(row(i + 1) + j));
+        _mm_storeu_pd(reinterpret_cast<double*>(col(j) + i), _mm_unpacklo_pd(a, b));
+        _mm_storeu_pd(reinterpret_cast<double*>(col(j + 1) + i), _mm_unpackhi_pd(a, b));
+      }
   }
 }
+#endif
 
-// Calls fn(i, o) for every value of feature row `row` (= n * H + h): at i in
-// an NHWC-ordered feature buffer and at o in one in `layout`.
-template <typename F>
-inline void for_row_values(int64_t row, const FeatureShape& f, int32_t layout,
-                           F&& fn) {
-  const int64_t first = row * f.w * f.c;
-  if (layout == kNHWC) {
-    for (int64_t i = first; i < first + f.w * f.c; ++i) fn(i, i);
-    return;
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows and
+// j < cols: the copy between an NHWC-ordered buffer and an NCHW one. It goes
+// in 4 x 4 blocks, each (with SSE) a few vector loads, shuffles and vector
+// stores instead of 32 scalar moves.
+template <typename U>
+void transpose_copy(const U* __restrict src, int64_t src_stride,
+                    U* __restrict dst, int64_t dst_stride, int64_t rows,
+                    int64_t cols) {
+  constexpr int64_t kBlock = 4;
+  const auto copy = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+  };
+  const int64_t block_rows = rows - rows % kBlock, block_cols = cols - cols % kBlock;
+  for (int64_t i = 0; i < block_rows; i += kBlock) {
+    for (int64_t j = 0; j < block_cols; j += kBlock) {
+#if defined(__SSE2__)
+      transpose_block_sse(src + i * src_stride + j, src_stride, dst + j * dst_stride + i,
+                          dst_stride);
+#else
+      copy(i, i + kBlock, j, j + kBlock);
+#endif
+    }
+    copy(i, i + kBlock, block_cols, cols);
   }
-  const int64_t plane = f.h * f.w, n = row / f.h;
-  const int64_t row_start = n * f.c * plane + (row - n * f.h) * f.w;
-  for (int64_t w0 = 0; w0 < f.w; w0 += kTransposeTile) {
-    const int64_t w1 = std::min(f.w, w0 + kTransposeTile);
-    for (int64_t c = 0; c < f.c; ++c)
-      for (int64_t w = w0; w < w1; ++w)
-        fn(first + w * f.c + c, row_start + c * plane + w);
-  }
+  copy(block_rows, rows, 0, cols);
 }
 
 // acc[arg[j] * channels + j] += cot[j] for `count` consecutive channels of
@@ -680,6 +698,12 @@ inline void prefetch_to_l2(const void* start, int64_t bytes) {
     __builtin_prefetch(static_cast<const char*>(start) + b, 0, 2);
 }
 
+// Offset of feature row `row` (= n * H + h) of channel 0 in an NCHW buffer.
+inline int64_t nchw_row_start(int64_t row, const FeatureShape& f) {
+  const int64_t n = row / f.h;
+  return n * f.c * f.h * f.w + (row - n * f.h) * f.w;
+}
+
 // [N, C, H, W] -> [N, H, W, C], split over images and rows.
 template <typename T>
 void transpose_to_nhwc(ffi::ThreadPool& pool, const T* src, T* dst,
@@ -687,7 +711,8 @@ void transpose_to_nhwc(ffi::ThreadPool& pool, const T* src, T* dst,
   const int64_t rows = f.n * f.h;
   parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row)
-      for_row_values(row, f, kNCHW, [&](int64_t i, int64_t o) { dst[i] = src[o]; });
+      transpose_copy(src + nchw_row_start(row, f), f.h * f.w,
+                     dst + row * f.w * f.c, f.c, f.c, f.w);
   });
 }
 
@@ -760,15 +785,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
     std::vector<T> storage;
     const T* x = nhwc_features(pool, data_of<T>(features), f, layout, storage);
     const Channels all{0, f.c};
+    const int64_t bin_plane = p.ph * p.pw;
     parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
       pool_in_chunks(x, boxes, f, p, scale, bins, all, idx != nullptr, begin,
                      end, [&](int64_t r, int64_t k0, int64_t k1,
                               const T* max, const int32_t* arg) {
-                       for_chunk_values(r, k0, k1, all, p, layout,
-                                        [&](int64_t i, int64_t o, int64_t) {
-                                          y[o] = max[i];
-                                          if (idx) idx[o] = arg[i];
-                                        });
+                       const int64_t o = pooled_offset(r, k0, 0, f.c, bin_plane, layout);
+                       transpose_copy(max, f.c, y + o, bin_plane, k1 - k0, f.c);
+                       if (idx) transpose_copy(arg, f.c, idx + o, bin_plane, k1 - k0, f.c);
                      });
     });
     return ffi::Error::Success();
@@ -804,17 +828,23 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
     const Channels all{0, f.c};
     const int64_t plane = f.h * f.w;
     const T zero = Element<T>::store(0);
+    const int64_t bin_plane = p.ph * p.pw;
+    const bool nchw = layout == kNCHW;
     parallel_for(pool, p.r, grain_for(pool, p.r), [&](int64_t begin, int64_t end) {
       pool_in_chunks(
           x, data_of<C>(rois), f, p, C(spatial_scale), bins, all, true, begin,
           end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
-            for_chunk_values(r, k0, k1, all, p, layout,
-                             [&](int64_t i, int64_t o, int64_t c) {
-                               const int32_t cell = arg[i];
-                               y[o] = cell < 0
-                                          ? zero
-                                          : src[cell_offset(cell, c, f.c, plane, layout)];
-                             });
+            // In the output's order, so that consecutive reads of `src` stay
+            // in one channel plane (NCHW) or one cell (NHWC).
+            T* first = y + pooled_offset(r, k0, 0, f.c, bin_plane, layout);
+            const int64_t outer = nchw ? f.c : k1 - k0, inner = nchw ? k1 - k0 : f.c;
+            for (int64_t a = 0; a < outer; ++a)
+              for (int64_t b = 0; b < inner; ++b) {
+                const int64_t k = nchw ? b : a, c = nchw ? a : b;
+                const int32_t cell = arg[k * f.c + c];
+                first[nchw ? c * bin_plane + k : k * f.c + c] =
+                    cell < 0 ? zero : src[cell_offset(cell, c, f.c, plane, layout)];
+              }
           });
     });
     return ffi::Error::Success();
@@ -888,8 +918,8 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
               if (k0 == 0 && r + 1 < r1)
                 prefetch_to_l2(cot + pooled_offset(r + 1, 0, ch.begin, f.c, p.ph * p.pw, layout),
                                ch.count * p.ph * p.pw * int64_t(sizeof(T)));
-              for_chunk_values(r, k0, k1, ch, p, layout,
-                               [&](int64_t i, int64_t o, int64_t) { cot_buffer[i] = cot[o]; });
+              transpose_copy(cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout),
+                             p.ph * p.pw, cot_buffer.data(), ch.count, ch.count, k1 - k0);
             }
             for (int64_t k = 0; k < k1 - k0; ++k)
               add_at_cells(arg + k * ch.count, chunk_cot + k * bin_stride,
@@ -920,14 +950,18 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     const int64_t rows = f.n * f.h, row_size = f.w * f.c;
     Acc* total = partial[0].data();
     parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
+      // NCHW: a row is stored in NHWC order here, then transposed into out.
+      std::vector<T> row_buffer(layout == kNHWC ? 0 : row_size);
       for (int64_t row = begin; row < end; ++row) {
         Acc* __restrict sum = total + row * row_size;
         for (size_t w = 1; w < partial.size(); ++w) {
           const Acc* __restrict part = partial[w].data() + row * row_size;
           for (int64_t j = 0; j < row_size; ++j) sum[j] += part[j];
         }
-        for_row_values(row, f, layout,
-                       [&](int64_t i, int64_t o) { out[o] = Element<T>::store(total[i]); });
+        T* __restrict stored = layout == kNHWC ? out + row * row_size : row_buffer.data();
+        for (int64_t j = 0; j < row_size; ++j) stored[j] = Element<T>::store(sum[j]);
+        if (layout == kNCHW)
+          transpose_copy(stored, f.c, out + nchw_row_start(row, f), f.h * f.w, f.w, f.c);
       }
     });
     return ffi::Error::Success();
