@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from typing import Any, Callable
 
 import jax
@@ -14,14 +16,27 @@ from jax_roipool import reference
 NATIVE_TARGETS = ("roipool_forward", "roipool_scatter")
 
 
+def source_commit() -> str | None:
+    """The benchmarked checkout's commit ("-dirty" with uncommitted changes to
+    tracked files), or None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"],
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def versions() -> dict[str, str]:
     import jaxlib
 
     from jax_roipool import _cpu, _native
 
+    version = getattr(jax_roipool, "__version__", "?")
+    commit = source_commit()
     out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-           "jax_roipool": getattr(jax_roipool, "__version__", "?"), "numpy": np.__version__,
-           "cpu_kernels": _cpu.cpu_isa()}
+           "jax_roipool": f"{version}+g{commit}" if commit else version,
+           "numpy": np.__version__, "cpu_kernels": _cpu.cpu_isa()}
     if _native.cuda is not None:
         out["cuda_channels_per_thread"] = str(_native.cuda.channels_per_thread())
     try:
