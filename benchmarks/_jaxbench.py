@@ -17,10 +17,12 @@ NATIVE_TARGETS = ("roipool_forward", "roipool_scatter")
 
 
 def source_commit() -> str | None:
-    """The benchmarked checkout's commit ("-dirty" with uncommitted changes to
-    tracked files), or None outside a git checkout."""
+    """The commit of the checkout the benchmarks run from ("-dirty" with
+    uncommitted changes to tracked files), or None outside a git checkout.
+    It names the kernels' source only if the extension was built from this
+    checkout (as ``pip install -e .`` does)."""
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"],
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"],
                               cwd=os.path.dirname(os.path.abspath(__file__)),
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

@@ -105,8 +105,11 @@ def run_cases(path):
     for dtype in BITS_DTYPES:
         for layout in LAYOUTS:
             features = every_16bit_value(dtype, layout)
-            # 64 RoIs: every thread of the pool pools (and widens) them.
-            out = jrp.roi_pool(features, np.zeros((64, 5), np.float32), 1, layout=layout)
+            # 64 RoIs: every thread of the pool pools (and widens) them. Each
+            # covers the 4x4 map, one cell per bin, so the output repeats the
+            # features.
+            rois = np.tile(np.array([0, 0, 0, 3, 3], np.float32), (64, 1))
+            out = jrp.roi_pool(features, rois, 4, layout=layout)
             results[f"bits/{dtype_id(dtype)}/{layout}"] = np.asarray(out).view(np.uint16)
     np.savez(path, **results)
 
@@ -115,10 +118,12 @@ BITS_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
 def every_16bit_value(dtype, layout):
-    """One cell whose channels hold every bit pattern of a 16-bit type (NaN
-    payloads and signalling NaNs too), as features of the given layout."""
+    """A 4x4 map of 4096 channels that holds every bit pattern of a 16-bit
+    type (NaN payloads and signalling NaNs too), in order, as features of the
+    given layout. In NCHW the kernels' layout transposes move it in whole 4x4
+    blocks (SSE registers on x86)."""
     values = np.arange(2**16, dtype=np.uint16).view(dtype)
-    return values.reshape((1, 1, 1, -1) if layout == "NHWC" else (1, -1, 1, 1))
+    return values.reshape((1, 4, 4, -1) if layout == "NHWC" else (1, -1, 4, 4))
 
 
 def env_capped(cap):

@@ -171,14 +171,20 @@ def gather_at(values, argmax, layout):
     return out.transpose(0, 3, 1, 2) if layout == "NCHW" else out
 
 
-def assert_gradient_exact(features, rois, cotangent, layout):
-    """Feature gradient of fast_rcnn pooling at scale 1 vs the reference;
-    features and cotangent are given NHWC and transposed for NCHW."""
+def assert_pooling_and_gradient_exact(features, rois, cotangent, layout):
+    """Maxima, argmax and feature gradient of fast_rcnn pooling at scale 1 vs
+    the reference; features and cotangent are given NHWC and transposed for
+    NCHW."""
     if layout == "NCHW":
         features, cotangent = features.transpose(0, 3, 1, 2), cotangent.transpose(0, 3, 1, 2)
     pooled = cotangent.shape[2:] if layout == "NCHW" else cotangent.shape[1:3]
+    out, argmax = jrp.roi_pool_with_argmax(features, rois, pooled, 1.0, layout=layout)
+    want_out, want_argmax = reference_loop.roi_pool_loop(features, rois, pooled, 1.0,
+                                                         layout=layout, bins="fast_rcnn")
+    assert_exact(out, want_out, "maxima")
+    assert_exact(argmax, want_argmax, "argmax")
     grad = vjp_features(features, rois, cotangent, pooled, 1.0, layout, "fast_rcnn")
-    want, _ = expected_grad(features, rois, cotangent, pooled, 1.0, layout, "fast_rcnn")
+    want = reference_loop.scatter_grad(cotangent, want_argmax, features.shape, layout=layout)
     assert_exact(grad, want, "feature gradient")
 
 
@@ -194,19 +200,20 @@ def test_grad_of_large_map(dtype, layout):
     features = rng.standard_normal((n, h, w, c)).astype(dtype)
     rois = random_rois(rng, n, h, w, 12, 1.0, adversarial=False)
     cotangent = rng.integers(-3, 4, (12, 5, 5, c)).astype(dtype)
-    assert_gradient_exact(features, rois, cotangent, layout)
+    assert_pooling_and_gradient_exact(features, rois, cotangent, layout)
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_grad_over_several_chunks(layout):
     # 7x7 bins of 700 channels are three of the CPU kernels' 16K-value chunks
-    # (23 bins each), with the per-thread accumulators.
+    # (23 bins each), with the per-thread accumulators; in NCHW the forward
+    # transposes each chunk into place (whole 4x4 blocks, then the leftover bins).
     rng = np.random.default_rng(12)
     n, h, w, c = 2, 11, 13, 700
     features = rng.standard_normal((n, h, w, c)).astype(np.float32)
     rois = random_rois(rng, n, h, w, 9, 1.0, adversarial=True)
     cotangent = rng.integers(-3, 4, (9, 7, 7, c)).astype(np.float32)
-    assert_gradient_exact(features, rois, cotangent, layout)
+    assert_pooling_and_gradient_exact(features, rois, cotangent, layout)
 
 
 def rounding_pairs(dtype, count, rng):
