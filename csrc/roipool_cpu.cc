@@ -700,10 +700,10 @@ inline void prefetch_to_l2(const void* start, int64_t bytes) {
     __builtin_prefetch(static_cast<const char*>(start) + b, 0, 2);
 }
 
-// Offset of feature row `row` (= n * H + h) of channel 0 in an NCHW buffer.
+// Offset of channel 0 of feature row `row` (= n * H + h; its first cell is
+// row * W) in an NCHW buffer.
 inline int64_t nchw_row_start(int64_t row, const FeatureShape& f) {
-  const int64_t n = row / f.h;
-  return n * f.c * f.h * f.w + (row - n * f.h) * f.w;
+  return cell_offset(row * f.w, 0, f.c, f.h * f.w, kNCHW);
 }
 
 // [N, C, H, W] -> [N, H, W, C], split over images and rows.
@@ -831,22 +831,24 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
     const int64_t plane = f.h * f.w;
     const T zero = Element<T>::store(0);
     const int64_t bin_plane = p.ph * p.pw;
-    const bool nchw = layout == kNCHW;
     parallel_for(pool, p.r, grain_for(pool, p.r), [&](int64_t begin, int64_t end) {
       pool_in_chunks(
           x, data_of<C>(rois), f, p, C(spatial_scale), bins, all, true, begin,
           end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
+            const auto gathered = [&](int64_t k, int64_t c) {  // bin k0 + k
+              const int32_t cell = arg[k * f.c + c];
+              return cell < 0 ? zero : src[cell_offset(cell, c, f.c, plane, layout)];
+            };
             // In the output's order, so that consecutive reads of `src` stay
             // in one channel plane (NCHW) or one cell (NHWC).
             T* first = y + pooled_offset(r, k0, 0, f.c, bin_plane, layout);
-            const int64_t outer = nchw ? f.c : k1 - k0, inner = nchw ? k1 - k0 : f.c;
-            for (int64_t a = 0; a < outer; ++a)
-              for (int64_t b = 0; b < inner; ++b) {
-                const int64_t k = nchw ? b : a, c = nchw ? a : b;
-                const int32_t cell = arg[k * f.c + c];
-                first[nchw ? c * bin_plane + k : k * f.c + c] =
-                    cell < 0 ? zero : src[cell_offset(cell, c, f.c, plane, layout)];
-              }
+            if (layout == kNCHW) {
+              for (int64_t c = 0; c < f.c; ++c)
+                for (int64_t k = 0; k < k1 - k0; ++k) first[c * bin_plane + k] = gathered(k, c);
+            } else {
+              for (int64_t k = 0; k < k1 - k0; ++k)
+                for (int64_t c = 0; c < f.c; ++c) first[k * f.c + c] = gathered(k, c);
+            }
           });
     });
     return ffi::Error::Success();
@@ -898,6 +900,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     const bool split_rois =
         workers > 1 && workers * size * int64_t(sizeof(Acc)) <= kPrivateBudget;
     std::vector<std::vector<Acc>> partial(split_rois ? workers : 1);
+    const int64_t bin_plane = p.ph * p.pw;
     // Pools RoIs [r0, r1), channels ch, adding the cotangent into acc.
     auto add = [&](Acc* acc, const Channels& ch, int64_t r0, int64_t r1) {
       // One chunk of pool_in_chunks (NCHW only).
@@ -907,21 +910,22 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
           [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
             // The chunk's cotangent: read in place (NHWC, bins f.c apart),
             // or copied into the chunk's order (NCHW).
-            const T* chunk_cot = cot_buffer.data();
-            int64_t bin_stride = ch.count;
-            if (layout == kNHWC) {
-              chunk_cot = cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout);
-              bin_stride = f.c;
-            } else {
+            const T* in_place = cot + pooled_offset(r, k0, ch.begin, f.c, bin_plane, layout);
+            const T* chunk_cot = in_place;
+            int64_t bin_stride = f.c;
+            if (layout == kNCHW) {
               // The next RoI's cotangent (channels ch: one contiguous block)
               // is fetched while this one is pooled and added. Measured on
-              // the Fast R-CNN workload: NCHW backward 14.1-15.4 ms without,
-              // 13.4-14.0 ms with (fastest of 60 calls, three A/B rounds).
+              // the Fast R-CNN workload with the earlier scalar transposes:
+              // NCHW backward 14.1-15.4 ms without, 13.4-14.0 ms with
+              // (fastest of 60 calls, three A/B rounds); with the SSE ones an
+              // A/B was within the noise.
               if (k0 == 0 && r + 1 < r1)
-                prefetch_to_l2(cot + pooled_offset(r + 1, 0, ch.begin, f.c, p.ph * p.pw, layout),
-                               ch.count * p.ph * p.pw * int64_t(sizeof(T)));
-              transpose_copy(cot + pooled_offset(r, k0, ch.begin, f.c, p.ph * p.pw, layout),
-                             p.ph * p.pw, cot_buffer.data(), ch.count, ch.count, k1 - k0);
+                prefetch_to_l2(cot + pooled_offset(r + 1, 0, ch.begin, f.c, bin_plane, layout),
+                               ch.count * bin_plane * int64_t(sizeof(T)));
+              transpose_copy(in_place, bin_plane, cot_buffer.data(), ch.count, ch.count, k1 - k0);
+              chunk_cot = cot_buffer.data();
+              bin_stride = ch.count;
             }
             for (int64_t k = 0; k < k1 - k0; ++k)
               add_at_cells(arg + k * ch.count, chunk_cot + k * bin_stride,

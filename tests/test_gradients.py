@@ -251,6 +251,7 @@ def test_16bit_grad_rounds_the_float32_sum_to_nearest_even(dtype, layout):
     width, channels = 64, 1024
     a, b = rounding_pairs(np.dtype(dtype), width * channels, np.random.default_rng(13))
     with np.errstate(over="ignore", invalid="ignore"):
+        # From +0, as the kernel's accumulator: (-0) + (-0) gives +0.
         exact = np.float32(0) + a.astype(np.float32) + b.astype(np.float32)
         want = exact.astype(dtype)
     # The pairs really round, both ways, and overflow.
