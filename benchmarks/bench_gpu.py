@@ -13,7 +13,10 @@ Workloads (``_workloads.py``; fixed seed, float32, spatial_scale 1/16):
   bandwidth of a large elementwise jnp op measured in the same run.
 
 For frcnn and maskrcnn: jitted forward and forward+backward (``jax.vjp``) of
-the native primitive in NHWC and NCHW, torchvision (NCHW) forward (no_grad)
+the native primitive in NHWC and NCHW, NHWC again with the CUDA lowering's
+other choice of pooling order (``roi_order`` where the features are below
+``SORT_ROIS_FROM_FEATURE_BYTES``, the RoIs' own order above it: the A/B of
+that threshold), torchvision (NCHW) forward (no_grad)
 and forward+backward (``torch.autograd.grad``), and the pure-jnp fallback
 ``jax_roipool.reference.roi_pool`` (NHWC; out-of-memory is reported, not
 fatal). Results are checked against torchvision bit for bit before timing
@@ -36,6 +39,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import importlib.metadata  # noqa: E402
 import re  # noqa: E402
@@ -208,14 +212,51 @@ def check(env: Env, ours: dict, theirs, arrays, wl: Workload, strict: bool) -> d
     return report
 
 
+def sorts_by_default(wl: Workload) -> bool:
+    """Whether the CUDA lowering pools this workload's RoIs in roi_order."""
+    from jax_roipool import _native
+
+    return wl.feature_bytes >= _native.SORT_ROIS_FROM_FEATURE_BYTES
+
+
+@contextlib.contextmanager
+def other_roi_order(wl: Workload):
+    """While tracing: the CUDA lowering's other choice of pooling order for wl."""
+    from jax_roipool import _native
+
+    saved = _native.SORT_ROIS_FROM_FEATURE_BYTES
+    _native.SORT_ROIS_FROM_FEATURE_BYTES = float("inf") if sorts_by_default(wl) else 0
+    try:
+        yield
+    finally:
+        _native.SORT_ROIS_FROM_FEATURE_BYTES = saved
+
+
+# Our variants: layout -> (name in the results, label in the table).
+VARIANTS = {"NHWC": "native NHWC", "NCHW": "native NCHW", "NHWC other order": "native NHWC*"}
+
+
+def implementations(wl: Workload, reference: bool) -> list[tuple[str, str, str]]:
+    """Rows of a workload's table: (name in the results, label, layout)."""
+    other = ("jax_roipool, RoIs in their own order" if sorts_by_default(wl)
+             else "jax_roipool, RoIs in roi_order")
+    rows = [(name, other if name.endswith("*") else "jax_roipool", layout.split()[0])
+            for layout, name in VARIANTS.items()]
+    if reference:
+        rows.append(("reference NHWC", "jax_roipool.reference (jnp)", "NHWC"))
+    return rows + [("torchvision NCHW", "torchvision", "NCHW")]
+
+
 def bench_workload(env: Env, wl: Workload, args, with_backward: bool = True) -> dict:
     from _jaxbench import JaxRoiPool
     from _torchvision_worker import TorchRoiPool
 
     print(f"\n{wl.describe()}", flush=True)
     arrays = make_arrays(wl, seed=args.seed, cotangent=with_backward)
-    ours = {layout: JaxRoiPool(arrays, layout, "native", env.jax_device)
-            for layout in ("NHWC", "NCHW")}
+    ours = {layout: JaxRoiPool(arrays, layout.split()[0], "native", env.jax_device)
+            for layout in VARIANTS}
+    with other_roi_order(wl):  # traced and compiled now, so run so later
+        ours["NHWC other order"].results()
     if not env.smoke:
         for layout, b in ours.items():
             targets = b.custom_call_targets()
@@ -230,7 +271,7 @@ def bench_workload(env: Env, wl: Workload, args, with_backward: bool = True) -> 
     calls = {}
     for mode in modes:
         for layout, b in ours.items():
-            calls[f"native {layout} {mode}"] = (b.call(mode), b.sync)
+            calls[f"{VARIANTS[layout]} {mode}"] = (b.call(mode), b.sync)
         calls[f"torchvision NCHW {mode}"] = (getattr(theirs, mode), theirs.sync)
     samples = measure_interleaved(calls, rounds=args.rounds, repeats=args.repeats,
                                   target_s=args.sample_ms / 1e3)
@@ -397,9 +438,7 @@ def report(info: dict, workloads: list[Workload], args) -> str:
         def t(name, mode):
             return med.get(f"{name} {mode}")
 
-        for name, label in (("native NHWC", "jax_roipool"), ("native NCHW", "jax_roipool"),
-                            ("reference NHWC", "jax_roipool.reference (jnp)"),
-                            ("torchvision NCHW", "torchvision")):
+        for name, label, layout in implementations(wl, reference=True):
             cells = []
             ratios = []
             for mode in MODES:
@@ -419,7 +458,7 @@ def report(info: dict, workloads: list[Workload], args) -> str:
                 base = t("torchvision NCHW", mode)
                 cells.append(_timing.fmt_ms(ours))
                 ratios.append(_timing.fmt_ratio(base / ours if ours and base else None))
-            rows.append([wl.name, label, name.split()[-1]] + cells + ratios)
+            rows.append([wl.name, label, layout] + cells + ratios)
     lines.append(_timing.markdown_table(
         ["workload", "implementation", "layout", "forward ms", "fwd+bwd ms", "fwd speed-up",
          "fwd+bwd speed-up"], rows, left=3))
@@ -447,11 +486,10 @@ def report(info: dict, workloads: list[Workload], args) -> str:
             return (f"{rate / 1e9:.0f}" if rate >= 10e9 else f"{rate / 1e9:.2g}") if rate else "n/a"
 
         rows = []
-        for name, label in (("native NHWC", "jax_roipool"), ("native NCHW", "jax_roipool"),
-                            ("torchvision NCHW", "torchvision")):
+        for name, label, layout in implementations(large, reference=False):
             s = res["median_s"].get(f"{name} forward")
             rate = moved / s if s else None
-            rows.append([label, name.split()[-1], _timing.fmt_ms(s), gbps(rate),
+            rows.append([label, layout, _timing.fmt_ms(s), gbps(rate),
                          f"{rate / bw:.0%}" if rate else "n/a",
                          gbps(binned / s if s else None)])
         lines += [f"Large workload, forward: {large.describe()}", "",

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
-# The whole GPU check of jax_roipool, for a machine with an NVIDIA GPU whose
-# python3 has jax with CUDA, CUDA torch + torchvision, pybind11,
-# scikit-build-core, nvcc and compute-sanitizer (no network needed):
+# The whole GPU check of jax_roipool in one command that ends within a time
+# budget, for a machine with an NVIDIA GPU whose python3 has jax with CUDA,
+# CUDA torch + torchvision, pybind11, scikit-build-core, nvcc and
+# compute-sanitizer (no network needed). Steps, most important first; each
+# stops at its own cap or at the end of the budget, whichever comes first:
 #
-#   build      pip install --no-build-isolation -e . (the CUDA kernels included,
-#              one thread per output element)
-#   demo       python3 -m jax_roipool: the seed example, on the GPU by default
+#   build      pip install --no-build-isolation --no-index -e . with the CUDA
+#              kernels required (JAX_ROIPOOL_CUDA=ON), then imports them
+#   demo       python3 -m jax_roipool: the seed example, on the GPU
 #   gpu        tests/test_gpu.py: GPU vs CPU kernels bit for bit, vs torchvision
 #   bench      benchmarks/bench_gpu.py, its table and JSON written beside the logs
-#   sanitizer  compute-sanitizer memcheck over a GPU test run
-#   suite      the whole test suite (pytest-xdist when installed)
-#   wide       the CUDA build with 4 channels per thread (CMake option
-#              JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD): test_gpu.py's random
-#              cases and gradients, then bench_gpu.py (into $OUT/wide); ends
-#              by rebuilding the default (1)
+#   sanitizer  compute-sanitizer memcheck over part of test_gpu.py
+#   suite      the rest of the test suite (test_gpu.py is step gpu's)
+#   wide       not a default step: the CUDA build with 4 channels per thread
+#              (CMake option JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD), test_gpu.py's
+#              random cases and gradients, bench_gpu.py into $OUT/wide, then
+#              the default build (1) again
 #
-# Usage: benchmarks/gpu_proof.sh [STEP ...]   (default: build demo gpu bench
-# sanitizer suite; where one command may only run for minutes, split the
-# steps across commands, e.g. "build demo gpu bench", then "wide sanitizer
-# suite")
-# Each step's log goes to $OUT (default ./gpu-proof); the end of each is
-# printed. The exit status is 1 if any step failed.
+# Usage: benchmarks/gpu_proof.sh [--budget SECONDS] [STEP ...]
+#   (default: 540 s, which leaves a 600 s device command time to return its
+#   files; steps: build demo gpu bench sanitizer suite)
+# Each step's log goes to $OUT (default ./gpu-proof) and the end of each is
+# printed, then a summary. The exit status is 1 if any step failed, timed
+# out or was skipped for lack of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu-proof}
@@ -28,55 +30,91 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # Several processes (torch and jax, xdist workers) share the GPU.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-status=0
 
-run_step() {
-  local name=$1 start=$SECONDS rc
-  shift
-  echo "=== $name: $*"
-  "$@" >"$out/$name.log" 2>&1
-  rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - start)) s"
-  tail -n 12 "$out/$name.log"
-  if [ "$rc" -ne 0 ]; then status=1; fi
-}
+budget=540
+if [ "${1:-}" = "--budget" ]; then budget=$2; shift 2; fi
+deadline=$((SECONDS + budget))
+steps=("$@")
+if [ ${#steps[@]} -eq 0 ]; then steps=(build demo gpu bench sanitizer suite); fi
+
+if ! command -v nvcc >/dev/null; then
+  for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    if [ -x "$dir/nvcc" ]; then PATH="$dir:$PATH"; break; fi
+  done
+fi
+export PATH
 
 build_with_channels_per_thread() {
-  python3 -m pip install --no-build-isolation -e . \
-    --config-settings=cmake.define.JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD="$1"
+  python3 -m pip install --no-build-isolation --no-index -e . \
+    --config-settings=cmake.define.JAX_ROIPOOL_CUDA=ON \
+    --config-settings=cmake.define.JAX_ROIPOOL_CUDA_CHANNELS_PER_THREAD="$1" &&
+    python3 -c "import jax, jax_roipool; from jax_roipool import _native; \
+print('jax', jax.__version__, jax.devices(), 'channels per thread', \
+_native.cuda.channels_per_thread())"
 }
 
 wide_build_check() {
   build_with_channels_per_thread 4 &&
     python3 -m pytest -q -x tests/test_gpu.py -k "random_cases_match_cpu or gradients_match_cpu" &&
-    python3 benchmarks/bench_gpu.py --skip-reference --results-dir "$out/wide"
+    python3 benchmarks/bench_gpu.py --skip-reference --results-dir "$OUT_DIR/wide"
   local rc=$?
   build_with_channels_per_thread 1 || rc=1
   return $rc
 }
 
-xdist_args() {
-  if python3 -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
+xdist() {  # pytest-xdist arguments for $1 workers, where it is installed
+  if python3 -c "import xdist" 2>/dev/null; then echo "-n $1"; fi
 }
 
-steps=("$@")
-if [ ${#steps[@]} -eq 0 ]; then steps=(build demo gpu bench sanitizer suite); fi
+export OUT_DIR=$out
+export -f build_with_channels_per_thread wide_build_check
+
+summary=()
+status=0
+run_step() {  # run_step NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2 start=$SECONDS rc
+  shift 2
+  local left=$((deadline - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "=== $name: skipped, $left s of the budget left"
+    summary+=("$name: skipped (budget)")
+    status=1
+    return
+  fi
+  local limit=$((cap < left ? cap : left))
+  echo "=== $name (at most $limit s): $*"
+  timeout -k 10 "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  local took=$((SECONDS - start))
+  echo "=== $name: exit $rc after $took s"
+  tail -n 12 "$out/$name.log"
+  case $rc in
+    0) summary+=("$name: ok, $took s") ;;
+    124 | 137) summary+=("$name: TIMED OUT after $took s"); status=1 ;;
+    *) summary+=("$name: FAILED (exit $rc) after $took s"); status=1 ;;
+  esac
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "nvcc: $(command -v nvcc || echo missing); compute-sanitizer:" \
+  "$(command -v compute-sanitizer || echo missing); budget $budget s"
+# shellcheck disable=SC2046  # xdist's arguments are split on purpose
 for s in "${steps[@]}"; do
   case $s in
-    build) run_step build build_with_channels_per_thread 1 ;;
-    demo) run_step demo python3 -m jax_roipool ;;
-    gpu) run_step gpu python3 -m pytest -q -rs tests/test_gpu.py ;;
+    build) run_step build 300 build_with_channels_per_thread 1 ;;
+    demo) run_step demo 60 python3 -m jax_roipool ;;
+    gpu) run_step gpu 300 python3 -m pytest -q -rs $(xdist 4) tests/test_gpu.py ;;
+    bench) run_step bench 240 python3 benchmarks/bench_gpu.py --results-dir "$out" ;;
     # One cudaMalloc per buffer, so that memcheck sees the bounds of each.
-    sanitizer) run_step sanitizer env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    sanitizer) run_step sanitizer 180 env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
       compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 -m pytest -q -x tests/test_gpu.py \
-      -k "random_cases_match_cpu and float32 or gradients_match_cpu or per_image" ;;
-    bench) run_step bench python3 benchmarks/bench_gpu.py --results-dir "$out" ;;
-    # shellcheck disable=SC2046
-    suite) run_step suite python3 -m pytest -q -rs $(xdist_args) ;;
-    wide) run_step wide wide_build_check ;;
+      -k "random_cases_match_cpu and float32 or gradients_match_cpu or per_image or roi_order" ;;
+    suite) run_step suite 300 python3 -m pytest -q -rs $(xdist 8) --ignore=tests/test_gpu.py ;;
+    wide) run_step wide 420 wide_build_check ;;
     *) echo "unknown step: $s (build, demo, gpu, bench, sanitizer, suite, wide)"; exit 2 ;;
   esac
 done
+echo "=== summary (logs in $out)"
+printf '%s\n' "${summary[@]}"
 exit $status

@@ -129,11 +129,6 @@ struct Element<BFloat16> {
   }
 };
 
-template <typename F>
-ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
-  return roipool::dispatch_value_type<Half, BFloat16>(dtype, std::forward<F>(fn));
-}
-
 // XLA runs CPU computations, its thread pool included, with denormals
 // flushed to zero (FTZ/DAZ). Under DAZ all subnormals compare equal to 0, so
 // the max of a bin of subnormals would keep the first cell where torchvision
@@ -739,16 +734,13 @@ T* data_of(ffi::Result<ffi::AnyBuffer>& buffer) {
   return reinterpret_cast<T*>(buffer->untyped_data());
 }
 
-// Dispatches on the value type of `values` and the coordinate type of
-// `rois`: fn(TypeTag<T>, TypeTag<C>).
+// Dispatches on the value type of `values` (Half and BFloat16 as raw bits)
+// and the coordinate type of `rois`: fn(TypeTag<T>, TypeTag<C>).
 template <typename F>
 ffi::Error dispatch_types(const ffi::AnyBuffer& values,
                           const ffi::AnyBuffer& rois, F&& fn) {
-  return dispatch_value_type(values.element_type(), [&](auto value_tag) {
-    return dispatch_coord_type(rois.element_type(), [&](auto coord_tag) {
-      return fn(value_tag, coord_tag);
-    });
-  });
+  return roipool::dispatch_types<Half, BFloat16>(values, rois,
+                                                 std::forward<F>(fn));
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,

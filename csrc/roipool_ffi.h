@@ -51,6 +51,20 @@ ffi::Error dispatch_coord_type(ffi::DataType dtype, F&& fn) {
   }
 }
 
+// Calls fn(TypeTag<T>{}, TypeTag<C>{}) for the value type T of `values`
+// (16-bit types as in dispatch_value_type) and the coordinate type C of
+// `rois`.
+template <typename Half, typename BFloat16, typename F>
+ffi::Error dispatch_types(const ffi::AnyBuffer& values,
+                          const ffi::AnyBuffer& rois, F&& fn) {
+  return dispatch_value_type<Half, BFloat16>(
+      values.element_type(), [&](auto value_tag) {
+        return dispatch_coord_type(rois.element_type(), [&](auto coord_tag) {
+          return fn(value_tag, coord_tag);
+        });
+      });
+}
+
 // Logical extents. Feature-shaped buffers are [N, H, W, C] (NHWC) or
 // [N, C, H, W] (NCHW); output-shaped ones [R, PH, PW, C] or [R, C, PH, PW].
 struct FeatureShape {

@@ -39,18 +39,25 @@ ffi::Error check_launch(const char* what) {
   return cuda_status(cudaGetLastError(), what);
 }
 
-template <typename F>
-ffi::Error dispatch_value_type(ffi::DataType dtype, F&& fn) {
-  return roipool::dispatch_value_type<__half, __nv_bfloat16>(dtype,
-                                                             std::forward<F>(fn));
+// The order in which to pool the RoIs: `order` is [R], a permutation of
+// [0, R) that the lowering computes where the features are large (RoIs
+// grouped by image, so that each image's features can stay in L2 while its
+// RoIs are pooled), or [0] for the RoIs' own order (null).
+ffi::Error order_data(const ffi::Buffer<ffi::S32>& order, const PoolShapes& s,
+                      const int32_t** data) {
+  const auto dims = order.dimensions();
+  if (dims.size() != 1 || (dims[0] != 0 && dims[0] != s.p.r))
+    return ffi::Error::InvalidArgument("roi_pool: order must be [R] or [0]");
+  *data = dims[0] == 0 ? nullptr : order.typed_data();
+  return ffi::Error::Success();
 }
 
 // Launches pool_kernel<kOp> over the tasks of a checked call.
 template <int32_t kOp, typename T, typename C, typename Out>
 ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
-                  int32_t bins, const T* features, const C* rois, const T* in,
-                  Out* out, int32_t* argmax, double spatial_scale,
-                  const char* what) {
+                  int32_t bins, const T* features, const C* rois,
+                  const int32_t* order, const T* in, Out* out, int32_t* argmax,
+                  double spatial_scale, const char* what) {
   const PoolDims d =
       make_pool_dims(s.p.r, s.f.n, int32_t(s.f.h), int32_t(s.f.w), s.f.c,
                      int32_t(s.p.ph), int32_t(s.p.pw), bins);
@@ -58,10 +65,10 @@ ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
   const C scale = C(spatial_scale);
   if (layout == kNHWC)
     pool_kernel<kOp, T, C, kNHWC><<<unsigned(d.blocks), kBlockSize, 0, stream>>>(
-        features, rois, in, out, argmax, d, scale);
+        features, rois, order, in, out, argmax, d, scale);
   else
     pool_kernel<kOp, T, C, kNCHW><<<unsigned(d.blocks), kBlockSize, 0, stream>>>(
-        features, rois, in, out, argmax, d, scale);
+        features, rois, order, in, out, argmax, d, scale);
   return check_launch(what);
 }
 
@@ -70,14 +77,13 @@ ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
 template <typename F>
 ffi::Error with_typed(const ffi::AnyBuffer& features, const ffi::AnyBuffer& rois,
                       F&& fn) {
-  return dispatch_value_type(features.element_type(), [&](auto value_tag) {
-    using T = typename decltype(value_tag)::type;
-    return dispatch_coord_type(rois.element_type(), [&](auto coord_tag) {
-      using C = typename decltype(coord_tag)::type;
-      return fn(reinterpret_cast<const T*>(features.untyped_data()),
-                reinterpret_cast<const C*>(rois.untyped_data()));
-    });
-  });
+  return dispatch_types<__half, __nv_bfloat16>(
+      features, rois, [&](auto value_tag, auto coord_tag) {
+        using T = typename decltype(value_tag)::type;
+        using C = typename decltype(coord_tag)::type;
+        return fn(reinterpret_cast<const T*>(features.untyped_data()),
+                  reinterpret_cast<const C*>(rois.untyped_data()));
+      });
 }
 
 template <typename T>
@@ -88,20 +94,23 @@ T* typed(void* data, const T*) {
 // features [N,H,W,C] (NHWC) or [N,C,H,W] (NCHW); rois [R,5] rows
 // (batch_index, x1, y1, x2, y2); output and argmax [R,PH,PW,C] (NHWC) or
 // [R,C,PH,PW] (NCHW); argmax may be empty (shape [0]) when not needed.
+// Every handler takes the pooling order last (see order_data).
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
                    ffi::AnyBuffer rois, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::S32>> argmax, int32_t pooled_h,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
-                   int32_t bins) {
+                   int32_t bins, ffi::Buffer<ffi::S32> order) {
   PoolShapes s;
+  const int32_t* pool_order;
   if (auto err = check_forward_call(features, rois, out, argmax, pooled_h,
                                     pooled_w, layout, bins, &s);
       err.failure())
     return err;
+  if (auto err = order_data(order, s, &pool_order); err.failure()) return err;
   // An empty argmax result asks for the maxima alone (no gradient needed).
   const bool with_argmax = argmax->element_count() != 0;
   return with_typed(features, rois, [&](auto x, auto boxes) {
-    return launch<kForwardOp>(stream, s, layout, bins, x, boxes, x,
+    return launch<kForwardOp>(stream, s, layout, bins, x, boxes, pool_order, x,
                               typed(out->untyped_data(), x),
                               with_argmax ? argmax->typed_data() : nullptr,
                               spatial_scale, "roipool_forward launch");
@@ -114,15 +123,17 @@ ffi::Error Gather(cudaStream_t stream, ffi::AnyBuffer source,
                   ffi::AnyBuffer features, ffi::AnyBuffer rois,
                   ffi::Result<ffi::AnyBuffer> out, int32_t pooled_h,
                   int32_t pooled_w, double spatial_scale, int32_t layout,
-                  int32_t bins) {
+                  int32_t bins, ffi::Buffer<ffi::S32> order) {
   PoolShapes s;
+  const int32_t* pool_order;
   if (auto err = check_argmax_op_call(true, source, features, rois, out,
                                       features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
+  if (auto err = order_data(order, s, &pool_order); err.failure()) return err;
   return with_typed(features, rois, [&](auto x, auto boxes) {
-    return launch<kGatherOp>(stream, s, layout, bins, x, boxes,
+    return launch<kGatherOp>(stream, s, layout, bins, x, boxes, pool_order,
                              typed(source.untyped_data(), x),
                              typed(out->untyped_data(), x), nullptr,
                              spatial_scale, "roipool_gather launch");
@@ -138,13 +149,15 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
                    ffi::AnyBuffer features, ffi::AnyBuffer rois,
                    ffi::Result<ffi::AnyBuffer> grad, int32_t pooled_h,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
-                   int32_t bins) {
+                   int32_t bins, ffi::Buffer<ffi::S32> order) {
   PoolShapes s;
+  const int32_t* pool_order;
   if (auto err = check_argmax_op_call(false, cotangent, features, rois, grad,
                                       accumulator_type(features.element_type()),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
+  if (auto err = order_data(order, s, &pool_order); err.failure()) return err;
   if (grad->size_bytes() == 0) return ffi::Error::Success();
   if (auto err = cuda_status(cudaMemsetAsync(grad->untyped_data(), 0,
                                              grad->size_bytes(), stream),
@@ -153,7 +166,7 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
     return err;
   return with_typed(features, rois, [&](auto x, auto boxes) {
     using Acc = typename Value<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>>::Acc;
-    return launch<kScatterOp>(stream, s, layout, bins, x, boxes,
+    return launch<kScatterOp>(stream, s, layout, bins, x, boxes, pool_order,
                               typed(cotangent.untyped_data(), x),
                               reinterpret_cast<Acc*>(grad->untyped_data()), nullptr,
                               spatial_scale, "roipool_scatter launch");
@@ -164,16 +177,20 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
 }  // namespace roipool
 
 // Exported as C symbols; roipool_module.cc wraps them in capsules for
-// jax.ffi.register_ffi_target(..., platform="CUDA").
+// jax.ffi.register_ffi_target(..., platform="CUDA"). The operands and
+// attributes are the CPU handlers' (roipool_ffi.h), then the pooling order.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     RoipoolForwardCuda, roipool::Forward,
-    roipool::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    roipool::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+        .Arg<ffi::Buffer<ffi::S32>>(),
     {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     RoipoolGatherCuda, roipool::Gather,
-    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+        .Arg<ffi::Buffer<ffi::S32>>(),
     {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     RoipoolScatterCuda, roipool::Scatter,
-    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+        .Arg<ffi::Buffer<ffi::S32>>(),
     {ffi::Traits::kCmdBufferCompatible});

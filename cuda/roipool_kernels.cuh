@@ -80,13 +80,19 @@ template <typename T>
 constexpr int kMinBlocksPerSm =
     kChannelsPerThread == 1 ? 5 : (sizeof(T) <= 4 ? 4 : 3);
 
-// The grid: a block walks a contiguous range of tasks_per_block tasks, so
-// that neighbouring bins of one RoI, which share their edge cells, are read
-// by the same multiprocessor close in time (where they can hit its L1
-// cache) rather than by all of them through L2.
-constexpr int64_t kMaxBlocks = 4096;  // 6 to 10 waves on an H100 (5 to 3 blocks/SM)
+// The grid: a block walks kChunksPerBlock consecutive chunks of kBlockSize
+// tasks; in NHWC a few neighbouring bins of one RoI, whose shared edge cells
+// can then hit the multiprocessor's L1. Blocks start about in index order,
+// so the RoIs in flight at any time are those of the resident blocks (on an
+// H100, some 660 blocks: about 55 RoIs of 7x7 bins and 512 channels). Taken
+// image by image (see `order`), they read one image's features, which can
+// stay in L2 while its RoIs are pooled; short blocks also leave no long tail
+// of a last, partly filled wave.
+constexpr int64_t kChunksPerBlock = 8;
+constexpr int64_t kMaxBlocks = 2147483647;  // the grid's x extent
 
 struct PoolDims {
+  int64_t rois;             // R
   int64_t tasks;            // rois * bins per roi * groups
   int64_t tasks_per_block;  // a multiple of the block size
   int64_t blocks;           // the grid
@@ -103,8 +109,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
                                int64_t channels, int32_t ph, int32_t pw,
                                int32_t bins, int64_t block_size = kBlockSize,
+                               int64_t chunks_per_block = kChunksPerBlock,
                                int64_t max_blocks = kMaxBlocks) {
   PoolDims d;
+  d.rois = rois;
   d.n = n;
   d.h = h;
   d.w = w;
@@ -114,8 +122,10 @@ inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
   d.pw = pw;
   d.bins = bins;
   d.tasks = rois * ph * pw * d.groups;
+  // More chunks per block only where the grid would exceed max_blocks.
+  const int64_t chunks = ceil_div(ceil_div(d.tasks, max_blocks), block_size);
   d.tasks_per_block =
-      ceil_div(ceil_div(d.tasks, max_blocks), block_size) * block_size;
+      (chunks > chunks_per_block ? chunks : chunks_per_block) * block_size;
   d.blocks = d.tasks == 0 ? 0 : ceil_div(d.tasks, d.tasks_per_block);
   return d;
 }
@@ -133,12 +143,15 @@ inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
 //   float or double, so a cell's sum is in no fixed order; float atomics
 //   flush subnormal sums to zero (PTX atom.add.f32), as torchvision's do.
 // Out is T except for the scatter. The argmax of gather and scatter is the
-// forward's, recomputed.
+// forward's, recomputed. RoIs are pooled in the order `order` gives (a
+// permutation of [0, R); an entry outside that range is skipped), or in
+// their own order where it is null.
 template <int32_t kOp, typename T, typename C, int32_t kLayout, typename Out>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
     pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
-                const T* __restrict__ in, Out* __restrict__ out,
-                int32_t* __restrict__ argmax, PoolDims d, C scale) {
+                const int32_t* __restrict__ order, const T* __restrict__ in,
+                Out* __restrict__ out, int32_t* __restrict__ argmax, PoolDims d,
+                C scale) {
   constexpr int kV = kChannelsPerThread;
   using Acc = typename Value<T>::Acc;
   const int64_t plane = int64_t(d.h) * d.w;
@@ -151,8 +164,10 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
                           ? begin + d.tasks_per_block
                           : d.tasks;
   for (int64_t task = begin + threadIdx.x; task < end; task += blockDim.x) {
-    const int64_t r = task / tasks_per_roi;
-    const int64_t t = task - r * tasks_per_roi;
+    const int64_t slot = task / tasks_per_roi;
+    const int64_t t = task - slot * tasks_per_roi;
+    const int64_t r = order ? order[slot] : slot;
+    if (r < 0 || r >= d.rois) continue;
     const int64_t k = kLayout == kNHWC ? t / d.groups : t % bin_plane;
     const int64_t group = kLayout == kNHWC ? t % d.groups : t / bin_plane;
     const int32_t ph = int32_t(k) / d.pw, pw = int32_t(k) % d.pw;  // k < PH * PW

@@ -103,7 +103,7 @@ def _as_array(x, name: str, caller: str = "roi_pool") -> jax.Array:
         raise TypeError(f"{caller}: {name} must be an array, got {type(x).__name__}: {err}") from err
 
 
-def _static(*dims) -> bool:
+def is_static(*dims) -> bool:
     """Whether the dimensions are known numbers (not jax.export's symbolic ones)."""
     return all(isinstance(d, (int, np.integer)) for d in dims)
 
@@ -120,10 +120,10 @@ def check_features(features, layout: str) -> jax.Array:
     n, h, w = feature_dims(features.shape, layout)[:3]
     # jax.export's symbolic dimensions are at least 1; their product is
     # checked by the native kernels when they run.
-    if any(_static(d) and d < 1 for d in (n, h, w)):
+    if any(is_static(d) and d < 1 for d in (n, h, w)):
         raise ValueError(f"roi_pool: features must have non-empty batch and spatial dimensions, "
                          f"got shape {features.shape} for layout {layout!r}")
-    if _static(n, h, w) and n * h * w > MAX_CELLS:
+    if is_static(n, h, w) and n * h * w > MAX_CELLS:
         raise ValueError(f"roi_pool: features have {n * h * w} cells (N*H*W), more than the "
                          f"int32 argmax can address ({MAX_CELLS})")
     return features
@@ -191,7 +191,7 @@ MAX_FLOAT32_IMAGES = 2**24
 
 def check_image_count(dtype, images) -> None:
     """Image indices must be exact in the rois' dtype (per-image boxes, vmapped images)."""
-    if (np.dtype(dtype) == np.float32 and _static(images)
+    if (np.dtype(dtype) == np.float32 and is_static(images)
             and images > MAX_FLOAT32_IMAGES):
         raise ValueError(f"roi_pool: {images} images (more than 2**24, counting vmapped copies) "
                          "need float64 rois or boxes, whose image index is float32 otherwise "

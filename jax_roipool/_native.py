@@ -7,6 +7,7 @@ and is imported only here, so CPU-only installs never touch CUDA.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import mlir
 
-from . import _primitives
+from . import _checks, _primitives
 
 # Custom-call targets of the kernels (the same names on CPU and CUDA). Modules
 # that use them are only accepted by jax.export with these targets' safety
@@ -58,19 +59,64 @@ def _pool_attrs(pooled, spatial_scale, layout, bins):
                 bins=np.int32(BIN_CODES[bins]))
 
 
-def _forward_lowering(ctx, features, rois, *, with_argmax, **config):
-    # with_argmax is conveyed by the argmax result's shape (empty when False).
-    return jax.ffi.ffi_lowering("roipool_forward")(ctx, features, rois, **_pool_attrs(**config))
+def _ffi_lowering(target: str):
+    """Lowering of a flat primitive to the kernel ``target``: forward
+    (features, rois), gather (source, features, rois) or scatter (cotangent,
+    features, rois); gather and scatter recompute the argmax from features and
+    rois. The forward's with_argmax is conveyed by the argmax result's shape
+    (empty when False)."""
 
-
-def _argmax_op_lowering(target: str):
-    """Lowering of gather (source, features, rois) or scatter (cotangent,
-    features, rois): the kernels recompute the argmax from features and rois."""
-
-    def lowering(ctx, value, features, rois, **config):
-        return jax.ffi.ffi_lowering(target)(ctx, value, features, rois, **_pool_attrs(**config))
+    def lowering(ctx, *operands, with_argmax=None, **config):
+        return jax.ffi.ffi_lowering(target)(ctx, *operands, **_pool_attrs(**config))
 
     return lowering
+
+
+# On CUDA, features of this many bytes or more are pooled with their RoIs in
+# roi_order rather than in their own order: a detector's RoIs may come in any
+# order of their images (sorted by score across a batch, say), and features
+# larger than the GPU's L2 cache (50 MB on an H100) would then be read from
+# device memory again for nearly every RoI, while in image order each image's
+# features can stay in L2 while its RoIs are pooled. Smaller features stay in
+# L2 in any order, and are not worth the sort.
+SORT_ROIS_FROM_FEATURE_BYTES = 32 * 2**20
+
+
+def roi_order(rois: jax.Array) -> jax.Array:
+    """The order in which the CUDA kernels pool large problems' ``[R, 5]`` rois:
+    by image (the batch index truncated, as the kernels take it), then top to
+    bottom (by y1 + y2), as int32 indices."""
+    return jnp.lexsort((rois[:, 2] + rois[:, 4], jnp.trunc(rois[:, 0]))).astype(np.int32)
+
+
+def _sorts_rois(features, rois) -> bool:
+    """Whether the CUDA lowering pools in roi_order (also for symbolic sizes,
+    which may be large)."""
+    if not _checks.is_static(*features.shape, rois.shape[0]):
+        return True
+    nbytes = math.prod(features.shape) * np.dtype(features.dtype).itemsize
+    return rois.shape[0] > 1 and nbytes >= SORT_ROIS_FROM_FEATURE_BYTES
+
+
+def _with_roi_order(lowering):
+    """A CUDA lowering: ``lowering`` with the pooling order as an extra last
+    operand, ``roi_order(rois)`` or an empty one (the RoIs' own order)."""
+
+    def cuda_lowering(ctx, *operands, **config):
+        features, rois = ctx.avals_in[-2:]
+        if _sorts_rois(features, rois):
+            order_aval = jax.core.ShapedArray(rois.shape[:1], np.int32)
+            order_ctx = ctx.replace(avals_in=[_primitives.plain_aval(rois)],
+                                    avals_out=[order_aval])
+            (order,) = mlir.lower_fun(roi_order, multiple_results=False)(order_ctx,
+                                                                         operands[-1])
+        else:
+            order_aval = jax.core.ShapedArray((0,), np.int32)
+            order = mlir.ir_constant(np.zeros((0,), np.int32))
+        ctx = ctx.replace(avals_in=[*ctx.avals_in, order_aval])
+        return lowering(ctx, *operands, order, **config)
+
+    return cuda_lowering
 
 
 # The CUDA scatter adds 16-bit cotangents atomically into a float32 gradient
@@ -79,28 +125,33 @@ def _argmax_op_lowering(target: str):
 _SUMMED_IN_FLOAT32 = frozenset(map(np.dtype, (jnp.float16, jnp.bfloat16)))
 
 
-_scatter_lowering = _argmax_op_lowering("roipool_scatter")
+def _summing_16_bit_in_float32(scatter_lowering):
+    """A scatter lowering whose 16-bit gradients the kernel sums in float32."""
+
+    def lowering(ctx, *operands, **config):
+        (grad_aval,) = ctx.avals_out
+        if np.dtype(grad_aval.dtype) not in _SUMMED_IN_FLOAT32:
+            return scatter_lowering(ctx, *operands, **config)
+        acc_ctx = ctx.replace(avals_out=[grad_aval.update(dtype=np.dtype(np.float32))])
+        (total,) = scatter_lowering(acc_ctx, *operands, **config)
+        return [stablehlo.convert(mlir.aval_to_ir_type(ctx.module_context, grad_aval), total)]
+
+    return lowering
 
 
-def _cuda_scatter_lowering(ctx, cotangent, features, rois, **config):
-    (grad_aval,) = ctx.avals_out
-    if np.dtype(grad_aval.dtype) not in _SUMMED_IN_FLOAT32:
-        return _scatter_lowering(ctx, cotangent, features, rois, **config)
-    acc_ctx = ctx.replace(avals_out=[grad_aval.update(dtype=np.dtype(np.float32))])
-    (total,) = _scatter_lowering(acc_ctx, cotangent, features, rois, **config)
-    return [stablehlo.convert(mlir.aval_to_ir_type(ctx.module_context, grad_aval), total)]
+CPU_LOWERINGS = {target: _ffi_lowering(target) for target in FFI_TARGETS}
+CUDA_LOWERINGS = {target: _with_roi_order(_ffi_lowering(target)) for target in FFI_TARGETS}
+CUDA_LOWERINGS["roipool_scatter"] = _summing_16_bit_in_float32(CUDA_LOWERINGS["roipool_scatter"])
 
 
-def _register(module, xla_platform: str, lowering_platform: str, scatter_lowering) -> None:
+def _register(module, xla_platform: str, lowering_platform: str, lowerings: dict) -> None:
     registrations = module.registrations()
     assert set(registrations) == set(FFI_TARGETS), sorted(registrations)
     for name, capsule in registrations.items():
         jax.ffi.register_ffi_target(name, capsule, platform=xla_platform)
     # The flat primitives; the per-image ones are lowered through them.
-    mlir.register_lowering(_primitives.roi_pool_p, _forward_lowering, platform=lowering_platform)
-    mlir.register_lowering(_primitives.gather_p, _argmax_op_lowering("roipool_gather"),
-                           platform=lowering_platform)
-    mlir.register_lowering(_primitives.scatter_p, scatter_lowering, platform=lowering_platform)
+    for primitive, target in zip(_primitives.FLAT[:3], FFI_TARGETS):
+        mlir.register_lowering(primitive, lowerings[target], platform=lowering_platform)
 
 
 def _cuda_module():
@@ -113,7 +164,7 @@ def _cuda_module():
 
 
 _check_cpu_isa_cap()
-_register(_load("_cpu"), "cpu", "cpu", _scatter_lowering)
+_register(_load("_cpu"), "cpu", "cpu", CPU_LOWERINGS)
 cuda = _cuda_module()
 if cuda is not None:
-    _register(cuda, "CUDA", "cuda", _cuda_scatter_lowering)
+    _register(cuda, "CUDA", "cuda", CUDA_LOWERINGS)

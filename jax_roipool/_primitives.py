@@ -454,7 +454,7 @@ def _per_image_scatter(cotangent, features, boxes, **config):
                            **config),)
 
 
-def _plain_aval(aval):
+def plain_aval(aval):
     """The aval without sharding in its type (manual-axis typing kept)."""
     if not varying_axes(aval):
         return jax.core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
@@ -475,7 +475,7 @@ def _per_image_rule(op, body, multiple_results):
 
         # Traced on the operands' shapes alone: the body works on any block
         # of the arrays; splitting them is custom_partitioning's (or XLA's).
-        plain = ctx.replace(avals_in=[_plain_aval(a) for a in ctx.avals_in])
+        plain = ctx.replace(avals_in=[plain_aval(a) for a in ctx.avals_in])
         out = mlir.lower_fun(lowered, multiple_results=multiple_results)(plain, *args)
         if plain.tokens_out is not None:
             ctx.set_tokens_out(plain.tokens_out)

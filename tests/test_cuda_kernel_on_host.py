@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import jax_roipool as jrp
+from jax_roipool import _native
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
                       assert_exact, dtype_id, feature_shape, random_features, random_rois,
                       x64_for)
@@ -70,7 +71,7 @@ def kernel(request, tmp_path_factory):
     fn.argtypes = ([ctypes.c_int32] * 4 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                            ctypes.c_int32, ctypes.c_double]
-                   + [ctypes.c_void_p] * 5)
+                   + [ctypes.c_void_p] * 6)
     lib.channels_per_thread = request.param
     lib.pool_grid.restype = None
     lib.pool_grid.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
@@ -90,14 +91,21 @@ def test_launch_grid_covers_every_task_once(kernel, rois, c, pooled):
     if tasks == 0:
         assert blocks == 0
         return
-    assert per_block > 0 and per_block % 256 == 0  # whole blocks of threads
-    assert 1 <= blocks <= 4096  # kMaxBlocks; fits the grid's unsigned x
+    assert per_block % 256 == 0  # whole blocks of threads
+    # kChunksPerBlock (8) chunks per block, more only where the grid would
+    # exceed its x extent (kMaxBlocks).
+    if tasks <= (2**31 - 1) * 8 * 256:
+        assert per_block == 8 * 256
+    else:
+        assert per_block > 8 * 256 and blocks > (2**31 - 1) // 2
+    assert 1 <= blocks <= 2**31 - 1
     assert (blocks - 1) * per_block < tasks <= blocks * per_block  # no block idle
 
 
-def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins):
+def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, order=None):
     """The kernel's results as numpy arrays: (out, argmax) for the forward,
-    out for gather, the (float32 for 16-bit) accumulator for scatter."""
+    out for gather, the (float32 for 16-bit) accumulator for scatter; RoIs
+    pooled in ``order`` (int32 indices) or their own."""
     n, h, w, c = (features.shape if layout == "NHWC" else
                   (features.shape[0], features.shape[2], features.shape[3], features.shape[1]))
     pooled_shape = feature_shape(len(rois), pooled[0], pooled[1], c, layout)
@@ -109,10 +117,12 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins):
     argmax = np.zeros(pooled_shape, np.int32) if op == "forward" else None
     features, rois = np.ascontiguousarray(features), np.ascontiguousarray(rois)
     value = None if value is None else np.ascontiguousarray(value)
+    order = None if order is None else np.ascontiguousarray(order, np.int32)
     pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = kernel.emulate_pool_kernel(OPS[op], LAYOUTS.index(layout), BINS.index(bins), DTYPE_CODES[dtype.name],
                     n, h, w, c, len(rois), pooled[0], pooled[1], scale, pointer(features),
-                    pointer(rois), pointer(value), pointer(out), pointer(argmax))
+                    pointer(rois), pointer(order), pointer(value), pointer(out),
+                    pointer(argmax))
     assert status == 0
     return (out, argmax) if op == "forward" else out
 
@@ -165,6 +175,38 @@ def test_cuda_kernel_matches_cpu(kernel, dtype, layout, bins, seed):
     # 16-bit gradients come out of the kernel in float32; the CUDA lowering
     # converts them (round to nearest even, as numpy's astype).
     assert_bitwise(accumulator.astype(features.dtype), want_grad, "scatter")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pooling_order_changes_no_result(kernel, layout):
+    # The CUDA lowering has large problems pooled in roi_order: any order of
+    # the RoIs must give each RoI's own results, in its own place.
+    rng, features, rois, pooled, scale = case(4, np.float32, layout)
+    order = np.asarray(_native.roi_order(jnp.asarray(rois)))
+    assert sorted(order.tolist()) == list(range(len(rois)))
+    assert (order != np.arange(len(rois))).any()
+    source = random_features(rng, features.shape, np.float32)
+    out_shape = feature_shape(len(rois), pooled[0], pooled[1], features.shape[-1]
+                              if layout == "NHWC" else features.shape[1], layout)
+    cotangent = rng.integers(-2, 3, out_shape).astype(np.float32)
+    args = (pooled, scale, layout, "fast_rcnn")
+    want_out, want_arg = emulate(kernel, "forward", features, rois, None, *args)
+    out, arg = emulate(kernel, "forward", features, rois, None, *args, order=order)
+    assert_bitwise(out, want_out, "forward output in roi_order")
+    assert_exact(arg, want_arg, "forward argmax in roi_order")
+    for op, value in (("gather", source), ("scatter", cotangent)):
+        assert_bitwise(emulate(kernel, op, features, rois, value, *args, order=order),
+                       emulate(kernel, op, features, rois, value, *args), f"{op} in roi_order")
+
+    # Only a hand-written custom call can pass entries outside [0, R): they
+    # are skipped, so the RoIs they displaced are never pooled (emulate's
+    # outputs start as zeros) and nothing is read or written out of bounds.
+    bad = order.copy()
+    bad[:2] = [-1, len(rois)]
+    skipped = np.isin(np.arange(len(rois)), order[:2])
+    out, arg = emulate(kernel, "forward", features, rois, None, *args, order=bad)
+    assert not out[skipped].any() and not arg[skipped].any()
+    assert_bitwise(out[~skipped], want_out[~skipped], "forward output, other RoIs")
 
 
 def test_scatter_accumulates_16_bit_sums_in_float32(kernel):

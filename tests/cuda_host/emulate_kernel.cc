@@ -18,7 +18,8 @@ struct EmulatedDim3 {
   unsigned x, y, z;
 };
 // A small grid: several blocks, each with more tasks than threads.
-constexpr int64_t kEmulatedBlockSize = 7, kEmulatedMaxBlocks = 3;
+constexpr int64_t kEmulatedBlockSize = 7, kEmulatedChunksPerBlock = 2,
+                  kEmulatedMaxBlocks = 3;
 static EmulatedDim3 blockIdx{0, 0, 0}, threadIdx{0, 0, 0};
 static const EmulatedDim3 blockDim{kEmulatedBlockSize, 1, 1};
 
@@ -41,8 +42,8 @@ using namespace roipool;
 
 template <int32_t kOp, typename T, typename C, typename Out>
 void run(int32_t layout, const PoolDims& d, const void* features,
-         const void* rois, const void* in, void* out, int32_t* argmax,
-         double scale) {
+         const void* rois, const int32_t* order, const void* in, void* out,
+         int32_t* argmax, double scale) {
   auto* f = static_cast<const T*>(features);
   auto* r = static_cast<const C*>(rois);
   auto* i = static_cast<const T*>(in);
@@ -50,9 +51,11 @@ void run(int32_t layout, const PoolDims& d, const void* features,
   for (blockIdx.x = 0; blockIdx.x < d.blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < blockDim.x; ++threadIdx.x) {
       if (layout == kNHWC)
-        pool_kernel<kOp, T, C, kNHWC, Out>(f, r, i, o, argmax, d, C(scale));
+        pool_kernel<kOp, T, C, kNHWC, Out>(f, r, order, i, o, argmax, d,
+                                           C(scale));
       else
-        pool_kernel<kOp, T, C, kNCHW, Out>(f, r, i, o, argmax, d, C(scale));
+        pool_kernel<kOp, T, C, kNCHW, Out>(f, r, order, i, o, argmax, d,
+                                           C(scale));
     }
   }
 }
@@ -60,49 +63,57 @@ void run(int32_t layout, const PoolDims& d, const void* features,
 // The scatter writes Value<T>::Acc, as the CUDA handler does.
 template <typename T, typename C>
 void run_op(int32_t op, int32_t layout, const PoolDims& d, const void* features,
-            const void* rois, const void* in, void* out, int32_t* argmax,
-            double scale) {
+            const void* rois, const int32_t* order, const void* in, void* out,
+            int32_t* argmax, double scale) {
   if (op == kForwardOp)
-    run<kForwardOp, T, C, T>(layout, d, features, rois, in, out, argmax, scale);
+    run<kForwardOp, T, C, T>(layout, d, features, rois, order, in, out, argmax,
+                             scale);
   else if (op == kGatherOp)
-    run<kGatherOp, T, C, T>(layout, d, features, rois, in, out, argmax, scale);
+    run<kGatherOp, T, C, T>(layout, d, features, rois, order, in, out, argmax,
+                            scale);
   else
     run<kScatterOp, T, C, typename Value<T>::Acc>(layout, d, features, rois,
-                                                  in, out, argmax, scale);
+                                                  order, in, out, argmax, scale);
 }
 
 }  // namespace
 
 // dtype: 0 float16, 1 bfloat16, 2 float32, 3 float64 (rois float32 for the
 // first three, float64 for float64). `out` must be zeroed for the scatter.
+// `order` (null: the RoIs' own) is the kernel's pooling order.
 extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
                                    int32_t dtype, int64_t n, int32_t h,
                                    int32_t w, int64_t c, int64_t r, int32_t ph,
                                    int32_t pw, double scale,
                                    const void* features, const void* rois,
-                                   const void* in, void* out, int32_t* argmax) {
-  const PoolDims d = make_pool_dims(r, n, h, w, c, ph, pw, bins,
-                                    kEmulatedBlockSize, kEmulatedMaxBlocks);
+                                   const int32_t* order, const void* in,
+                                   void* out, int32_t* argmax) {
+  const PoolDims d =
+      make_pool_dims(r, n, h, w, c, ph, pw, bins, kEmulatedBlockSize,
+                     kEmulatedChunksPerBlock, kEmulatedMaxBlocks);
   switch (dtype) {
     case 0:
-      run_op<__half, float>(op, layout, d, features, rois, in, out, argmax, scale);
+      run_op<__half, float>(op, layout, d, features, rois, order, in, out,
+                            argmax, scale);
       return 0;
     case 1:
-      run_op<__nv_bfloat16, float>(op, layout, d, features, rois, in, out, argmax,
-                                   scale);
+      run_op<__nv_bfloat16, float>(op, layout, d, features, rois, order, in,
+                                   out, argmax, scale);
       return 0;
     case 2:
-      run_op<float, float>(op, layout, d, features, rois, in, out, argmax, scale);
+      run_op<float, float>(op, layout, d, features, rois, order, in, out,
+                           argmax, scale);
       return 0;
     case 3:
-      run_op<double, double>(op, layout, d, features, rois, in, out, argmax, scale);
+      run_op<double, double>(op, layout, d, features, rois, order, in, out,
+                             argmax, scale);
       return 0;
   }
   return 1;
 }
 
-// The launch grid of the real kernel (block size 256, at most kMaxBlocks
-// blocks) for tasks = rois * ph * pw * ceil(c / kChannelsPerThread): {tasks,
+// The launch grid of the real kernel (block size 256, kChunksPerBlock chunks
+// of it per block unless the grid would exceed kMaxBlocks) for tasks = rois * ph * pw * ceil(c / kChannelsPerThread): {tasks,
 // tasks per block, blocks}.
 extern "C" void pool_grid(int64_t rois, int64_t c, int32_t ph, int32_t pw,
                           int64_t* grid) {
