@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -11,9 +12,27 @@ import jax
 import numpy as np
 
 import jax_roipool
-from jax_roipool import reference
+from jax_roipool import _native, reference
 
 NATIVE_TARGETS = ("roipool_forward", "roipool_scatter")
+
+
+@contextlib.contextmanager
+def roi_order_forced(platform: str, on: bool):
+    """While tracing: the pooling order of the lowering for ``platform``
+    ("cpu" or "cuda") forced to roi_order (on) or the RoIs' own (off)."""
+    thresholds = _native.SORT_ROIS_FROM_FEATURE_BYTES
+    saved = thresholds[platform]
+    thresholds[platform] = 0 if on else float("inf")
+    try:
+        yield
+    finally:
+        thresholds[platform] = saved
+
+
+def sorts_by_default(platform: str, feature_bytes: int) -> bool:
+    """Whether the lowering for ``platform`` pools features this large in roi_order."""
+    return feature_bytes >= _native.SORT_ROIS_FROM_FEATURE_BYTES[platform]
 
 
 def source_commit() -> str | None:

@@ -15,8 +15,8 @@ Workloads (``_workloads.py``; fixed seed, float32, spatial_scale 1/16):
 For frcnn and maskrcnn: jitted forward and forward+backward (``jax.vjp``) of
 the native primitive in NHWC and NCHW, NHWC again with the CUDA lowering's
 other choice of pooling order (``roi_order`` where the features are below
-``SORT_ROIS_FROM_FEATURE_BYTES``, the RoIs' own order above it: the A/B of
-that threshold), torchvision (NCHW) forward (no_grad)
+``SORT_ROIS_FROM_FEATURE_BYTES["cuda"]``, the RoIs' own order above it: the
+A/B of that threshold), torchvision (NCHW) forward (no_grad)
 and forward+backward (``torch.autograd.grad``), and the pure-jnp fallback
 ``jax_roipool.reference.roi_pool`` (NHWC; out-of-memory is reported, not
 fatal). Results are checked against torchvision bit for bit before timing
@@ -39,7 +39,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import importlib.metadata  # noqa: E402
 import re  # noqa: E402
@@ -102,6 +101,7 @@ class Env:
 
         self.jax, self.torch = jax, torch
         self.smoke = cpu_smoke_test
+        self.platform = "cpu" if cpu_smoke_test else "cuda"  # of the lowering
         if cpu_smoke_test:
             self.jax_device = jax.devices("cpu")[0]
             self.torch_device = "cpu"
@@ -212,33 +212,16 @@ def check(env: Env, ours: dict, theirs, arrays, wl: Workload, strict: bool) -> d
     return report
 
 
-def sorts_by_default(wl: Workload) -> bool:
-    """Whether the CUDA lowering pools this workload's RoIs in roi_order."""
-    from jax_roipool import _native
-
-    return wl.feature_bytes >= _native.SORT_ROIS_FROM_FEATURE_BYTES
-
-
-@contextlib.contextmanager
-def other_roi_order(wl: Workload):
-    """While tracing: the CUDA lowering's other choice of pooling order for wl."""
-    from jax_roipool import _native
-
-    saved = _native.SORT_ROIS_FROM_FEATURE_BYTES
-    _native.SORT_ROIS_FROM_FEATURE_BYTES = float("inf") if sorts_by_default(wl) else 0
-    try:
-        yield
-    finally:
-        _native.SORT_ROIS_FROM_FEATURE_BYTES = saved
-
-
 # Our variants: layout -> (name in the results, label in the table).
 VARIANTS = {"NHWC": "native NHWC", "NCHW": "native NCHW", "NHWC other order": "native NHWC*"}
 
 
-def implementations(wl: Workload, reference: bool) -> list[tuple[str, str, str]]:
+def implementations(platform: str, wl: Workload,
+                    reference: bool) -> list[tuple[str, str, str]]:
     """Rows of a workload's table: (name in the results, label, layout)."""
-    other = ("jax_roipool, RoIs in their own order" if sorts_by_default(wl)
+    from _jaxbench import sorts_by_default
+
+    other = ("jax_roipool, RoIs in their own order" if sorts_by_default(platform, wl.feature_bytes)
              else "jax_roipool, RoIs in roi_order")
     rows = [(name, other if name.endswith("*") else "jax_roipool", layout.split()[0])
             for layout, name in VARIANTS.items()]
@@ -248,14 +231,15 @@ def implementations(wl: Workload, reference: bool) -> list[tuple[str, str, str]]
 
 
 def bench_workload(env: Env, wl: Workload, args, with_backward: bool = True) -> dict:
-    from _jaxbench import JaxRoiPool
+    from _jaxbench import JaxRoiPool, roi_order_forced, sorts_by_default
     from _torchvision_worker import TorchRoiPool
 
     print(f"\n{wl.describe()}", flush=True)
     arrays = make_arrays(wl, seed=args.seed, cotangent=with_backward)
     ours = {layout: JaxRoiPool(arrays, layout.split()[0], "native", env.jax_device)
             for layout in VARIANTS}
-    with other_roi_order(wl):  # every call traced and compiled now, so run so later
+    other = not sorts_by_default(env.platform, wl.feature_bytes)
+    with roi_order_forced(env.platform, other):  # every call compiled now, so run so later
         ours["NHWC other order"].forward()
         ours["NHWC other order"].results()
     if not env.smoke:
@@ -367,7 +351,8 @@ def main() -> int:
     workloads = [FRCNN, MASKRCNN] + ([] if args.skip_large else [LARGE])
     if args.cpu_smoke_test:
         workloads = [shrink(w) for w in workloads]
-    info = {"date": today, "device": env.device_name, "versions": versions, "host": host,
+    info = {"date": today, "device": env.device_name, "platform": env.platform,
+            "versions": versions, "host": host,
             "args": vars(args), "workloads": {}}
 
     for wl in workloads:
@@ -439,7 +424,7 @@ def report(info: dict, workloads: list[Workload], args) -> str:
         def t(name, mode):
             return med.get(f"{name} {mode}")
 
-        for name, label, layout in implementations(wl, reference=True):
+        for name, label, layout in implementations(info["platform"], wl, reference=True):
             cells = []
             ratios = []
             for mode in MODES:
@@ -487,7 +472,7 @@ def report(info: dict, workloads: list[Workload], args) -> str:
             return (f"{rate / 1e9:.0f}" if rate >= 10e9 else f"{rate / 1e9:.2g}") if rate else "n/a"
 
         rows = []
-        for name, label, layout in implementations(large, reference=False):
+        for name, label, layout in implementations(info["platform"], large, reference=False):
             s = res["median_s"].get(f"{name} forward")
             rate = moved / s if s else None
             rows.append([label, layout, _timing.fmt_ms(s), gbps(rate),

@@ -531,15 +531,19 @@ void pool_bins_nhwc(const BinJob<T, C>& job) {
     pool_bins_for_cpu<false>(job);
 }
 
-// NHWC forward: each RoI's bins go straight to the output.
+// NHWC forward: each RoI's bins go straight to the output. The RoIs are
+// those of places [slot_begin, slot_end) of the pooling order.
 template <typename T, typename C>
-void forward_nhwc(const T* features, const C* rois, T* out, int32_t* argmax,
-                  const FeatureShape& f, const PooledShape& p, C scale,
-                  int32_t bins, int64_t roi_begin, int64_t roi_end) {
+void forward_nhwc(const T* features, const C* rois, const int32_t* order,
+                  T* out, int32_t* argmax, const FeatureShape& f,
+                  const PooledShape& p, C scale, int32_t bins,
+                  int64_t slot_begin, int64_t slot_end) {
   std::vector<typename Element<T>::Acc> best(f.c);
   std::vector<int32_t> best_cell(argmax ? f.c : 0);
   const int64_t roi_size = p.ph * p.pw * f.c;
-  for (int64_t r = roi_begin; r < roi_end; ++r) {
+  for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
+    const int64_t r = roi_in_order(order, slot, p.r);
+    if (r < 0) continue;
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
     pool_bins_nhwc(BinJob<T, C>{features + g.batch * f.h * f.w * f.c, g, f, p,
@@ -557,17 +561,19 @@ inline int64_t bins_per_chunk(const PooledShape& p, const Channels& ch) {
                   std::max<int64_t>(1, kChunkElements / std::max<int64_t>(ch.count, 1)));
 }
 
-// Pools the RoIs [roi_begin, roi_end), channels `ch`, from NHWC features a
-// cache-sized chunk of bins at a time, and hands every chunk to
+// Pools the RoIs of places [slot_begin, slot_end) of the pooling order,
+// channels `ch`, from NHWC features a cache-sized chunk of bins at a time,
+// and hands every chunk to
 // consume(r, k0, k1, max, arg): bins [k0, k1) of RoI r, their maxima and
 // (when with_argmax) cells at [(k - k0) * ch.count + j] for channel
 // ch.begin + j. The kernels other than the NHWC forward are this plus what
 // they do with a chunk.
 template <typename T, typename C, typename Consume>
 void pool_in_chunks(const T* features_nhwc, const C* rois,
-                    const FeatureShape& f, const PooledShape& p, C scale,
-                    int32_t bins, const Channels& ch, bool with_argmax,
-                    int64_t roi_begin, int64_t roi_end, Consume&& consume) {
+                    const int32_t* order, const FeatureShape& f,
+                    const PooledShape& p, C scale, int32_t bins,
+                    const Channels& ch, bool with_argmax, int64_t slot_begin,
+                    int64_t slot_end, Consume&& consume) {
   const int64_t bin_plane = p.ph * p.pw;
   const int64_t chunk_bins = bins_per_chunk(p, ch);
   std::vector<typename Element<T>::Acc> best(ch.count);
@@ -575,7 +581,9 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
   std::vector<T> chunk_max(chunk_bins * ch.count);
   std::vector<int32_t> chunk_arg(with_argmax ? chunk_bins * ch.count : 0);
   int32_t* arg = with_argmax ? chunk_arg.data() : nullptr;
-  for (int64_t r = roi_begin; r < roi_end; ++r) {
+  for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
+    const int64_t r = roi_in_order(order, slot, p.r);
+    if (r < 0) continue;
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
     const T* image = features_nhwc + g.batch * f.h * f.w * f.c;
@@ -689,12 +697,6 @@ void add_at_cells(const int32_t* __restrict arg, const T* __restrict cot,
   }
 }
 
-// A hint to fetch [start, start + bytes) into the L2 cache.
-inline void prefetch_to_l2(const void* start, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64)
-    __builtin_prefetch(static_cast<const char*>(start) + b, 0, 2);
-}
-
 // Offset of channel 0 of feature row `row` (= n * H + h; its first cell is
 // row * W) in an NCHW buffer.
 inline int64_t nchw_row_start(int64_t row, const FeatureShape& f) {
@@ -744,13 +746,14 @@ ffi::Error dispatch_types(const ffi::AnyBuffer& values,
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
-                   ffi::AnyBuffer rois, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::AnyBuffer rois, ffi::Buffer<ffi::S32> order,
+                   ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::S32>> argmax, int32_t pooled_h,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
                    int32_t bins) {
-  PoolShapes s;
-  if (auto err = check_forward_call(features, rois, out, argmax, pooled_h,
-                                    pooled_w, layout, bins, &s);
+  PoolCall s;
+  if (auto err = check_forward_call(features, rois, order, out, argmax,
+                                    pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
   // An empty argmax result asks for the maxima alone (no gradient needed).
@@ -770,8 +773,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
     const int64_t grain = grain_for(pool, p.r);
     if (layout == kNHWC) {
       parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
-        forward_nhwc(data_of<T>(features), boxes, y, idx, f, p, scale, bins,
-                     begin, end);
+        forward_nhwc(data_of<T>(features), boxes, s.order, y, idx, f, p, scale,
+                     bins, begin, end);
       });
       return ffi::Error::Success();
     }
@@ -781,8 +784,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
     const Channels all{0, f.c};
     const int64_t bin_plane = p.ph * p.pw;
     parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
-      pool_in_chunks(x, boxes, f, p, scale, bins, all, idx != nullptr, begin,
-                     end, [&](int64_t r, int64_t k0, int64_t k1,
+      pool_in_chunks(x, boxes, s.order, f, p, scale, bins, all, idx != nullptr,
+                     begin, end, [&](int64_t r, int64_t k0, int64_t k1,
                               const T* max, const int32_t* arg) {
                        const int64_t o = pooled_offset(r, k0, 0, f.c, bin_plane, layout);
                        transpose_copy(max, f.c, y + o, bin_plane, k1 - k0, f.c);
@@ -799,11 +802,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
 
 ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
                   ffi::AnyBuffer features, ffi::AnyBuffer rois,
-                  ffi::Result<ffi::AnyBuffer> out, int32_t pooled_h,
-                  int32_t pooled_w, double spatial_scale, int32_t layout,
-                  int32_t bins) {
-  PoolShapes s;
-  if (auto err = check_argmax_op_call(true, source, features, rois, out,
+                  ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> out,
+                  int32_t pooled_h, int32_t pooled_w, double spatial_scale,
+                  int32_t layout, int32_t bins) {
+  PoolCall s;
+  if (auto err = check_argmax_op_call(true, source, features, rois, order, out,
                                       features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
@@ -825,8 +828,8 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
     const int64_t bin_plane = p.ph * p.pw;
     parallel_for(pool, p.r, grain_for(pool, p.r), [&](int64_t begin, int64_t end) {
       pool_in_chunks(
-          x, data_of<C>(rois), f, p, C(spatial_scale), bins, all, true, begin,
-          end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
+          x, data_of<C>(rois), s.order, f, p, C(spatial_scale), bins, all, true,
+          begin, end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
             const auto gathered = [&](int64_t k, int64_t c) {  // bin k0 + k
               const int32_t cell = arg[k * f.c + c];
               return cell < 0 ? zero : src[cell_offset(cell, c, f.c, plane, layout)];
@@ -851,11 +854,11 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
 // Scatter-add at the argmax (the gather's transpose): grad[cell(o), c] +=
 // cotangent[o]. Without atomics and in a fixed summation order
 // (deterministic for a given thread count), by one of two splits:
-// - RoIs: each worker pools a contiguous range of RoIs and adds into its
-//   own feature-sized accumulator; the accumulators are summed in worker
-//   order. The cotangent streams through in order and each RoI's cells stay
-//   in cache. Needs one accumulator per worker, so it is used when they fit
-//   kPrivateBudget.
+// - RoIs: each worker pools a contiguous range of the pooling order and
+//   adds into its own feature-sized accumulator; the accumulators are summed
+//   in worker order. Each RoI's cotangent streams through in order and its
+//   cells stay in cache. Needs one accumulator per worker, so it is used
+//   when they fit kPrivateBudget.
 // - channels: each worker pools all RoIs for its own block of channels, so
 //   no two workers add into the same element. One accumulator in all.
 // Accumulators are NHWC-ordered; 16-bit types accumulate in float.
@@ -864,11 +867,11 @@ constexpr int64_t kPrivateBudget = int64_t(128) << 20;  // bytes
 
 ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
                    ffi::AnyBuffer features, ffi::AnyBuffer rois,
-                   ffi::Result<ffi::AnyBuffer> grad, int32_t pooled_h,
-                   int32_t pooled_w, double spatial_scale, int32_t layout,
-                   int32_t bins) {
-  PoolShapes s;
-  if (auto err = check_argmax_op_call(false, cotangent, features, rois, grad,
+                   ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> grad,
+                   int32_t pooled_h, int32_t pooled_w, double spatial_scale,
+                   int32_t layout, int32_t bins) {
+  PoolCall s;
+  if (auto err = check_argmax_op_call(false, cotangent, features, rois, order, grad,
                                       features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
@@ -893,12 +896,14 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
         workers > 1 && workers * size * int64_t(sizeof(Acc)) <= kPrivateBudget;
     std::vector<std::vector<Acc>> partial(split_rois ? workers : 1);
     const int64_t bin_plane = p.ph * p.pw;
-    // Pools RoIs [r0, r1), channels ch, adding the cotangent into acc.
-    auto add = [&](Acc* acc, const Channels& ch, int64_t r0, int64_t r1) {
+    // Pools the RoIs of places [slot0, slot1) of the pooling order, channels
+    // ch, adding the cotangent into acc.
+    auto add = [&](Acc* acc, const Channels& ch, int64_t slot0, int64_t slot1) {
       // One chunk of pool_in_chunks (NCHW only).
       std::vector<T> cot_buffer(layout == kNHWC ? 0 : bins_per_chunk(p, ch) * ch.count);
       pool_in_chunks(
-          x, data_of<C>(rois), f, p, C(spatial_scale), bins, ch, true, r0, r1,
+          x, data_of<C>(rois), s.order, f, p, C(spatial_scale), bins, ch, true,
+          slot0, slot1,
           [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
             // The chunk's cotangent: read in place (NHWC, bins f.c apart),
             // or copied into the chunk's order (NCHW).
@@ -906,15 +911,6 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
             const T* chunk_cot = in_place;
             int64_t bin_stride = f.c;
             if (layout == kNCHW) {
-              // The next RoI's cotangent (channels ch: one contiguous block)
-              // is fetched while this one is pooled and added. Measured on
-              // the Fast R-CNN workload with the earlier scalar transposes:
-              // NCHW backward 14.1-15.4 ms without, 13.4-14.0 ms with
-              // (fastest of 60 calls, three A/B rounds); with the SSE ones an
-              // A/B was within the noise.
-              if (k0 == 0 && r + 1 < r1)
-                prefetch_to_l2(cot + pooled_offset(r + 1, 0, ch.begin, f.c, bin_plane, layout),
-                               ch.count * bin_plane * int64_t(sizeof(T)));
               transpose_copy(in_place, bin_plane, cot_buffer.data(), ch.count, ch.count, k1 - k0);
               chunk_cot = cot_buffer.data();
               bin_stride = ch.count;

@@ -90,10 +90,12 @@ inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-// The logical shapes of one call, from its features and rois.
-struct PoolShapes {
+// One checked call: the logical shapes, from its features and rois, and its
+// pooling order (roi_in_order; null: the RoIs' own).
+struct PoolCall {
   FeatureShape f;
   PooledShape p;
+  const int32_t* order;
 
   // Whether `dims` are the dimensions of an output-shaped buffer.
   bool is_pooled(ffi::Span<const int64_t> dims, int32_t layout) const {
@@ -105,12 +107,15 @@ struct PoolShapes {
 
 // Checks what every handler shares: the attributes, features
 // [N, H, W, C] / [N, C, H, W] with N * H * W within int32 (argmax cells),
-// and rois [R, 5]. The Python side validates all of this at trace time; these
-// checks keep a hand-written custom call from reading out of bounds.
+// rois [R, 5] and the order [R] or [0]. The Python side validates all of
+// this at trace time; these checks keep a hand-written custom call from
+// reading out of bounds.
 inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
-                                  const ffi::AnyBuffer& rois, int32_t pooled_h,
-                                  int32_t pooled_w, int32_t layout,
-                                  int32_t bins, PoolShapes* shapes) {
+                                  const ffi::AnyBuffer& rois,
+                                  const ffi::Buffer<ffi::S32>& order,
+                                  int32_t pooled_h, int32_t pooled_w,
+                                  int32_t layout, int32_t bins,
+                                  PoolCall* shapes) {
   if (layout != kNHWC && layout != kNCHW)
     return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
   if (bins != kFastRcnn && bins != kPartition)
@@ -128,6 +133,10 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
     return ffi::Error::InvalidArgument(
         "roi_pool: N * H * W must fit in int32 (argmax cell indices)");
   shapes->p = PooledShape{rd[0], pooled_h, pooled_w, f.c};
+  const auto od = order.dimensions();
+  if (od.size() != 1 || (od[0] != 0 && od[0] != rd[0]))
+    return ffi::Error::InvalidArgument("roi_pool: order must be [R] or [0]");
+  shapes->order = od[0] == 0 ? nullptr : order.typed_data();
   return ffi::Error::Success();
 }
 
@@ -135,13 +144,14 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
 // argmax pooled or empty (shape [0]: not wanted).
 inline ffi::Error check_forward_call(const ffi::AnyBuffer& features,
                                      const ffi::AnyBuffer& rois,
+                                     const ffi::Buffer<ffi::S32>& order,
                                      ffi::Result<ffi::AnyBuffer>& out,
                                      ffi::Result<ffi::Buffer<ffi::S32>>& argmax,
                                      int32_t pooled_h, int32_t pooled_w,
                                      int32_t layout, int32_t bins,
-                                     PoolShapes* shapes) {
-  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
-                                 bins, shapes);
+                                     PoolCall* shapes) {
+  if (auto err = check_pool_call(features, rois, order, pooled_h, pooled_w,
+                                 layout, bins, shapes);
       err.failure())
     return err;
   if (!shapes->is_pooled(out->dimensions(), layout) ||
@@ -166,13 +176,14 @@ inline ffi::DataType accumulator_type(ffi::DataType t) {
 inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        const ffi::AnyBuffer& features,
                                        const ffi::AnyBuffer& rois,
+                                       const ffi::Buffer<ffi::S32>& order,
                                        ffi::Result<ffi::AnyBuffer>& result,
                                        ffi::DataType result_type,
                                        int32_t pooled_h, int32_t pooled_w,
                                        int32_t layout, int32_t bins,
-                                       PoolShapes* shapes) {
-  if (auto err = check_pool_call(features, rois, pooled_h, pooled_w, layout,
-                                 bins, shapes);
+                                       PoolCall* shapes) {
+  if (auto err = check_pool_call(features, rois, order, pooled_h, pooled_w,
+                                 layout, bins, shapes);
       err.failure())
     return err;
   const auto pooled = gather ? result->dimensions() : value.dimensions();
@@ -190,8 +201,9 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
 
 // The operands and attributes of the handlers, after the platform context, so
 // that the CPU and CUDA handlers of one op can never disagree on them. Every
-// handler takes the pooling attributes; gather and scatter recompute the
-// forward's argmax from (features, rois) rather than reading a stored one.
+// handler takes the pooling order after the rois, and the pooling
+// attributes; gather and scatter recompute the forward's argmax from
+// (features, rois) rather than reading a stored one.
 template <typename Binding>
 auto bind_pool_attrs(Binding binding) {
   return std::move(binding)
@@ -202,25 +214,28 @@ auto bind_pool_attrs(Binding binding) {
       .template Attr<int32_t>("bins");
 }
 
-// forward: (features, rois) -> (out, argmax); argmax may be empty (shape [0]).
+// forward: (features, rois, order) -> (out, argmax); argmax may be empty
+// (shape [0]).
 template <typename Binding>
 auto bind_forward(Binding binding) {
   return bind_pool_attrs(std::move(binding)
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::AnyBuffer>()
+                             .template Arg<ffi::Buffer<ffi::S32>>()
                              .template Ret<ffi::AnyBuffer>()
                              .template Ret<ffi::Buffer<ffi::S32>>());
 }
 
-// gather: (source, features, rois) -> source at each bin's argmax cell,
-// output-shaped; scatter: (cotangent, features, rois) -> the cotangent
-// added at each bin's argmax cell, features-shaped.
+// gather: (source, features, rois, order) -> source at each bin's argmax
+// cell, output-shaped; scatter: (cotangent, features, rois, order) -> the
+// cotangent added at each bin's argmax cell, features-shaped.
 template <typename Binding>
 auto bind_argmax_op(Binding binding) {
   return bind_pool_attrs(std::move(binding)
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::AnyBuffer>()
+                             .template Arg<ffi::Buffer<ffi::S32>>()
                              .template Ret<ffi::AnyBuffer>());
 }
 

@@ -95,6 +95,17 @@ ROIPOOL_HD int64_t pooled_offset(int64_t r, int64_t k, int64_t c,
                          : (r * channels + c) * bin_plane + k;
 }
 
+// The RoI pooled in place `slot` of the pooling order: order[slot], or slot
+// itself where order is null (the RoIs' own order). The order is a
+// permutation of [0, rois) that the lowering computes (roi_order); an entry
+// outside that range, which only a hand-written custom call can pass, gives
+// -1: no RoI is pooled there, and nothing is read or written out of bounds.
+ROIPOOL_HD int64_t roi_in_order(const int32_t* order, int64_t slot,
+                                int64_t rois) {
+  const int64_t r = order ? order[slot] : slot;
+  return r >= 0 && r < rois ? r : -1;
+}
+
 // Scaled corner -> integer cell coordinate, rounding half away from zero
 // (C `round`), clamped so that the conversion is always defined.
 template <typename C>

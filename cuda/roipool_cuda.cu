@@ -39,25 +39,12 @@ ffi::Error check_launch(const char* what) {
   return cuda_status(cudaGetLastError(), what);
 }
 
-// The order in which to pool the RoIs: `order` is [R], a permutation of
-// [0, R) that the lowering computes where the features are large (RoIs
-// grouped by image, so that each image's features can stay in L2 while its
-// RoIs are pooled), or [0] for the RoIs' own order (null).
-ffi::Error order_data(const ffi::Buffer<ffi::S32>& order, const PoolShapes& s,
-                      const int32_t** data) {
-  const auto dims = order.dimensions();
-  if (dims.size() != 1 || (dims[0] != 0 && dims[0] != s.p.r))
-    return ffi::Error::InvalidArgument("roi_pool: order must be [R] or [0]");
-  *data = dims[0] == 0 ? nullptr : order.typed_data();
-  return ffi::Error::Success();
-}
-
 // Launches pool_kernel<kOp> over the tasks of a checked call.
 template <int32_t kOp, typename T, typename C, typename Out>
-ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
-                  int32_t bins, const T* features, const C* rois,
-                  const int32_t* order, const T* in, Out* out, int32_t* argmax,
-                  double spatial_scale, const char* what) {
+ffi::Error launch(cudaStream_t stream, const PoolCall& s, int32_t layout,
+                  int32_t bins, const T* features, const C* rois, const T* in,
+                  Out* out, int32_t* argmax, double spatial_scale,
+                  const char* what) {
   const PoolDims d =
       make_pool_dims(s.p.r, s.f.n, int32_t(s.f.h), int32_t(s.f.w), s.f.c,
                      int32_t(s.p.ph), int32_t(s.p.pw), bins);
@@ -65,10 +52,10 @@ ffi::Error launch(cudaStream_t stream, const PoolShapes& s, int32_t layout,
   const C scale = C(spatial_scale);
   if (layout == kNHWC)
     pool_kernel<kOp, T, C, kNHWC><<<unsigned(d.blocks), kBlockSize, 0, stream>>>(
-        features, rois, order, in, out, argmax, d, scale);
+        features, rois, s.order, in, out, argmax, d, scale);
   else
     pool_kernel<kOp, T, C, kNCHW><<<unsigned(d.blocks), kBlockSize, 0, stream>>>(
-        features, rois, order, in, out, argmax, d, scale);
+        features, rois, s.order, in, out, argmax, d, scale);
   return check_launch(what);
 }
 
@@ -93,24 +80,23 @@ T* typed(void* data, const T*) {
 
 // features [N,H,W,C] (NHWC) or [N,C,H,W] (NCHW); rois [R,5] rows
 // (batch_index, x1, y1, x2, y2); output and argmax [R,PH,PW,C] (NHWC) or
-// [R,C,PH,PW] (NCHW); argmax may be empty (shape [0]) when not needed.
-// Every handler takes the pooling order last (see order_data).
+// [R,C,PH,PW] (NCHW); argmax may be empty (shape [0]) when not needed;
+// order [R] or [0], the pooling order (roi_in_order).
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
-                   ffi::AnyBuffer rois, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::AnyBuffer rois, ffi::Buffer<ffi::S32> order,
+                   ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::S32>> argmax, int32_t pooled_h,
                    int32_t pooled_w, double spatial_scale, int32_t layout,
-                   int32_t bins, ffi::Buffer<ffi::S32> order) {
-  PoolShapes s;
-  const int32_t* pool_order;
-  if (auto err = check_forward_call(features, rois, out, argmax, pooled_h,
-                                    pooled_w, layout, bins, &s);
+                   int32_t bins) {
+  PoolCall s;
+  if (auto err = check_forward_call(features, rois, order, out, argmax,
+                                    pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
-  if (auto err = order_data(order, s, &pool_order); err.failure()) return err;
   // An empty argmax result asks for the maxima alone (no gradient needed).
   const bool with_argmax = argmax->element_count() != 0;
   return with_typed(features, rois, [&](auto x, auto boxes) {
-    return launch<kForwardOp>(stream, s, layout, bins, x, boxes, pool_order, x,
+    return launch<kForwardOp>(stream, s, layout, bins, x, boxes, x,
                               typed(out->untyped_data(), x),
                               with_argmax ? argmax->typed_data() : nullptr,
                               spatial_scale, "roipool_forward launch");
@@ -121,19 +107,17 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer features,
 // is the cell the forward picks for output element o.
 ffi::Error Gather(cudaStream_t stream, ffi::AnyBuffer source,
                   ffi::AnyBuffer features, ffi::AnyBuffer rois,
-                  ffi::Result<ffi::AnyBuffer> out, int32_t pooled_h,
-                  int32_t pooled_w, double spatial_scale, int32_t layout,
-                  int32_t bins, ffi::Buffer<ffi::S32> order) {
-  PoolShapes s;
-  const int32_t* pool_order;
-  if (auto err = check_argmax_op_call(true, source, features, rois, out,
+                  ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> out,
+                  int32_t pooled_h, int32_t pooled_w, double spatial_scale,
+                  int32_t layout, int32_t bins) {
+  PoolCall s;
+  if (auto err = check_argmax_op_call(true, source, features, rois, order, out,
                                       features.element_type(),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
-  if (auto err = order_data(order, s, &pool_order); err.failure()) return err;
   return with_typed(features, rois, [&](auto x, auto boxes) {
-    return launch<kGatherOp>(stream, s, layout, bins, x, boxes, pool_order,
+    return launch<kGatherOp>(stream, s, layout, bins, x, boxes,
                              typed(source.untyped_data(), x),
                              typed(out->untyped_data(), x), nullptr,
                              spatial_scale, "roipool_gather launch");
@@ -147,17 +131,16 @@ ffi::Error Gather(cudaStream_t stream, ffi::AnyBuffer source,
 // once to the cotangent's dtype.
 ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
                    ffi::AnyBuffer features, ffi::AnyBuffer rois,
-                   ffi::Result<ffi::AnyBuffer> grad, int32_t pooled_h,
-                   int32_t pooled_w, double spatial_scale, int32_t layout,
-                   int32_t bins, ffi::Buffer<ffi::S32> order) {
-  PoolShapes s;
-  const int32_t* pool_order;
-  if (auto err = check_argmax_op_call(false, cotangent, features, rois, grad,
+                   ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> grad,
+                   int32_t pooled_h, int32_t pooled_w, double spatial_scale,
+                   int32_t layout, int32_t bins) {
+  PoolCall s;
+  if (auto err = check_argmax_op_call(false, cotangent, features, rois, order,
+                                      grad,
                                       accumulator_type(features.element_type()),
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
-  if (auto err = order_data(order, s, &pool_order); err.failure()) return err;
   if (grad->size_bytes() == 0) return ffi::Error::Success();
   if (auto err = cuda_status(cudaMemsetAsync(grad->untyped_data(), 0,
                                              grad->size_bytes(), stream),
@@ -166,7 +149,7 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
     return err;
   return with_typed(features, rois, [&](auto x, auto boxes) {
     using Acc = typename Value<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>>::Acc;
-    return launch<kScatterOp>(stream, s, layout, bins, x, boxes, pool_order,
+    return launch<kScatterOp>(stream, s, layout, bins, x, boxes,
                               typed(cotangent.untyped_data(), x),
                               reinterpret_cast<Acc*>(grad->untyped_data()), nullptr,
                               spatial_scale, "roipool_scatter launch");
@@ -177,20 +160,16 @@ ffi::Error Scatter(cudaStream_t stream, ffi::AnyBuffer cotangent,
 }  // namespace roipool
 
 // Exported as C symbols; roipool_module.cc wraps them in capsules for
-// jax.ffi.register_ffi_target(..., platform="CUDA"). The operands and
-// attributes are the CPU handlers' (roipool_ffi.h), then the pooling order.
+// jax.ffi.register_ffi_target(..., platform="CUDA").
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     RoipoolForwardCuda, roipool::Forward,
-    roipool::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-        .Arg<ffi::Buffer<ffi::S32>>(),
+    roipool::bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     RoipoolGatherCuda, roipool::Gather,
-    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-        .Arg<ffi::Buffer<ffi::S32>>(),
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     RoipoolScatterCuda, roipool::Scatter,
-    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-        .Arg<ffi::Buffer<ffi::S32>>(),
+    roipool::bind_argmax_op(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
     {ffi::Traits::kCmdBufferCompatible});

@@ -143,9 +143,8 @@ inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
 //   float or double, so a cell's sum is in no fixed order; float atomics
 //   flush subnormal sums to zero (PTX atom.add.f32), as torchvision's do.
 // Out is T except for the scatter. The argmax of gather and scatter is the
-// forward's, recomputed. RoIs are pooled in the order `order` gives (a
-// permutation of [0, R); an entry outside that range is skipped), or in
-// their own order where it is null.
+// forward's, recomputed. RoIs are pooled in the order `order` gives
+// (roi_in_order).
 template <int32_t kOp, typename T, typename C, int32_t kLayout, typename Out>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
     pool_kernel(const T* __restrict__ features, const C* __restrict__ rois,
@@ -166,8 +165,8 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
   for (int64_t task = begin + threadIdx.x; task < end; task += blockDim.x) {
     const int64_t slot = task / tasks_per_roi;
     const int64_t t = task - slot * tasks_per_roi;
-    const int64_t r = order ? order[slot] : slot;
-    if (r < 0 || r >= d.rois) continue;
+    const int64_t r = roi_in_order(order, slot, d.rois);
+    if (r < 0) continue;
     const int64_t k = kLayout == kNHWC ? t / d.groups : t % bin_plane;
     const int64_t group = kLayout == kNHWC ? t % d.groups : t / bin_plane;
     const int32_t ph = int32_t(k) / d.pw, pw = int32_t(k) % d.pw;  // k < PH * PW

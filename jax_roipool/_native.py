@@ -59,52 +59,48 @@ def _pool_attrs(pooled, spatial_scale, layout, bins):
                 bins=np.int32(BIN_CODES[bins]))
 
 
-def _ffi_lowering(target: str):
-    """Lowering of a flat primitive to the kernel ``target``: forward
-    (features, rois), gather (source, features, rois) or scatter (cotangent,
-    features, rois); gather and scatter recompute the argmax from features and
-    rois. The forward's with_argmax is conveyed by the argmax result's shape
-    (empty when False)."""
-
-    def lowering(ctx, *operands, with_argmax=None, **config):
-        return jax.ffi.ffi_lowering(target)(ctx, *operands, **_pool_attrs(**config))
-
-    return lowering
-
-
-# On CUDA, features of this many bytes or more are pooled with their RoIs in
-# roi_order rather than in their own order: a detector's RoIs may come in any
-# order of their images (sorted by score across a batch, say), and features
-# larger than the GPU's L2 cache (50 MB on an H100) would then be read from
-# device memory again for nearly every RoI, while in image order each image's
-# features can stay in L2 while its RoIs are pooled. Smaller features stay in
-# L2 in any order, and are not worth the sort.
-SORT_ROIS_FROM_FEATURE_BYTES = 32 * 2**20
+# Features of this many bytes or more are pooled with their RoIs in
+# roi_order rather than in their own order, per platform. A detector's RoIs
+# may come in any order of their images (sorted by score across a batch,
+# say): features larger than the caches would then be read from memory again
+# for nearly every RoI, while in image order each image's features can stay
+# in cache while its RoIs are pooled. On the CPU (2 cores, 32 MiB of L3;
+# benchmarks/bench_roi_order.py, results/roi-order-cpu-*.md) sorting paid
+# from 28 MB of features on (forward 1.1-1.7x, forward+backward 1.3-1.8x;
+# 111 MB: 2.5x and 2.2x in NHWC), while at 7 and 14 MB the NCHW forward lost
+# (0.8-1.0x) and the NHWC one gained nothing. The CUDA threshold is reasoned
+# from the 50 MB L2 of an H100, not yet measured (bench_gpu.py times both
+# orders).
+SORT_ROIS_FROM_FEATURE_BYTES = {"cpu": 16 * 2**20, "cuda": 32 * 2**20}
 
 
 def roi_order(rois: jax.Array) -> jax.Array:
-    """The order in which the CUDA kernels pool large problems' ``[R, 5]`` rois:
+    """The order in which the kernels pool large problems' ``[R, 5]`` rois:
     by image (the batch index truncated, as the kernels take it), then top to
     bottom (by y1 + y2), as int32 indices."""
     return jnp.lexsort((rois[:, 2] + rois[:, 4], jnp.trunc(rois[:, 0]))).astype(np.int32)
 
 
-def _sorts_rois(features, rois) -> bool:
-    """Whether the CUDA lowering pools in roi_order (also for symbolic sizes,
-    which may be large)."""
+def _sorts_rois(platform: str, features, rois) -> bool:
+    """Whether the lowering for ``platform`` pools in roi_order (also for
+    symbolic sizes, which may be large)."""
     if not _checks.is_static(*features.shape, rois.shape[0]):
         return True
     nbytes = math.prod(features.shape) * np.dtype(features.dtype).itemsize
-    return rois.shape[0] > 1 and nbytes >= SORT_ROIS_FROM_FEATURE_BYTES
+    return rois.shape[0] > 1 and nbytes >= SORT_ROIS_FROM_FEATURE_BYTES[platform]
 
 
-def _with_roi_order(lowering):
-    """A CUDA lowering: ``lowering`` with the pooling order as an extra last
-    operand, ``roi_order(rois)`` or an empty one (the RoIs' own order)."""
+def _ffi_lowering(target: str, platform: str):
+    """Lowering of a flat primitive to the kernel ``target`` on ``platform``:
+    forward (features, rois), gather (source, features, rois) or scatter
+    (cotangent, features, rois), each with the pooling order as a last
+    operand, ``roi_order(rois)`` or an empty one (the RoIs' own order). Gather
+    and scatter recompute the argmax from features and rois. The forward's
+    with_argmax is conveyed by the argmax result's shape (empty when False)."""
 
-    def cuda_lowering(ctx, *operands, **config):
+    def lowering(ctx, *operands, with_argmax=None, **config):
         features, rois = ctx.avals_in[-2:]
-        if _sorts_rois(features, rois):
+        if _sorts_rois(platform, features, rois):
             order_aval = jax.core.ShapedArray(rois.shape[:1], np.int32)
             order_ctx = ctx.replace(avals_in=[_primitives.plain_aval(rois)],
                                     avals_out=[order_aval])
@@ -114,9 +110,9 @@ def _with_roi_order(lowering):
             order_aval = jax.core.ShapedArray((0,), np.int32)
             order = mlir.ir_constant(np.zeros((0,), np.int32))
         ctx = ctx.replace(avals_in=[*ctx.avals_in, order_aval])
-        return lowering(ctx, *operands, order, **config)
+        return jax.ffi.ffi_lowering(target)(ctx, *operands, order, **_pool_attrs(**config))
 
-    return cuda_lowering
+    return lowering
 
 
 # The CUDA scatter adds 16-bit cotangents atomically into a float32 gradient
@@ -139,8 +135,8 @@ def _summing_16_bit_in_float32(scatter_lowering):
     return lowering
 
 
-CPU_LOWERINGS = {target: _ffi_lowering(target) for target in FFI_TARGETS}
-CUDA_LOWERINGS = {target: _with_roi_order(_ffi_lowering(target)) for target in FFI_TARGETS}
+CPU_LOWERINGS = {target: _ffi_lowering(target, "cpu") for target in FFI_TARGETS}
+CUDA_LOWERINGS = {target: _ffi_lowering(target, "cuda") for target in FFI_TARGETS}
 CUDA_LOWERINGS["roipool_scatter"] = _summing_16_bit_in_float32(CUDA_LOWERINGS["roipool_scatter"])
 
 

@@ -184,7 +184,7 @@ def test_roi_order_matches_cpu(monkeypatch, dtype, layout):
     # Features from SORT_ROIS_FROM_FEATURE_BYTES up are pooled in roi_order on
     # CUDA; forced here on small ones: the same bits as the CPU kernels, for
     # the forward, the JVP's gather and the gradient's scatter.
-    monkeypatch.setattr(_native, "SORT_ROIS_FROM_FEATURE_BYTES", 0)
+    monkeypatch.setitem(_native.SORT_ROIS_FROM_FEATURE_BYTES, "cuda", 0)
     rng = np.random.default_rng(6)
     features = random_features(rng, feature_shape(3, 16, 19, 7, layout), dtype, "ties")
     rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32

@@ -1,0 +1,184 @@
+"""The pooling order: large feature maps are pooled with their RoIs in
+``roi_order`` (by image, then top to bottom), passed to the kernels as their
+last operand; every result stays where its RoI is.
+
+The lowering is checked as StableHLO for the CPU and, where the CUDA module
+was built, for CUDA (no GPU needed); the CPU kernels run here in both orders.
+tests/test_cuda_kernel_on_host.py runs the CUDA kernel body in both orders,
+tests/test_gpu.py the CUDA kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roipool as jrp
+from conftest import (BINS, DTYPES, LAYOUTS, adversarial_rois, assert_bitwise, dtype_id,
+                      feature_shape, random_features, random_rois, x64_for)
+from jax_roipool import _native
+
+PLATFORMS = ["cpu"] + (["cuda"] if _native.cuda is not None else [])
+
+# A kernel's custom call and the types of its operands, the order last:
+# "tensor<0xi32>" (the RoIs' own order) or "tensor<Rxi32>" (roi_order).
+CUSTOM_CALL = re.compile(r"custom_call @(roipool_\w+)\(.*?\)\s*\{.*?\}\s*:\s*\((.*?)\)\s*->",
+                         re.DOTALL)
+
+
+def orders(platform, features, rois, layout="NHWC") -> dict[str, str]:
+    """{target: the type of its order operand} in the lowering for
+    ``platform`` of a forward, JVP and gradient of roi_pool on abstract arrays."""
+    def f(x, r):
+        y, pullback = jax.vjp(lambda f: jrp.roi_pool(f, r, 3, layout=layout), x)
+        tangent = jax.jvp(lambda f: jrp.roi_pool(f, r, 3, layout=layout), (x,), (x,))[1]
+        return y, pullback(y)[0], tangent
+
+    text = jax.jit(f).trace(features, rois).lower(lowering_platforms=(platform,)).as_text()
+    found = {target: operands.split(", ")[-1] for target, operands in CUSTOM_CALL.findall(text)}
+    assert set(found) == set(_native.FFI_TARGETS), text
+    return found
+
+
+def abstract(shape, dtype=np.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_large_feature_maps_are_pooled_in_roi_order(platform, layout):
+    threshold = _native.SORT_ROIS_FROM_FEATURE_BYTES[platform]
+    n, h, w = 8, 32, 32
+    c = threshold // (4 * n * h * w)  # float32 features of exactly the threshold
+    large, small = (abstract(feature_shape(n, h, w, channels, layout)) for channels in (c, c - 1))
+    assert set(orders(platform, large, abstract((40, 5)), layout).values()) == {"tensor<40xi32>"}
+    assert set(orders(platform, small, abstract((40, 5)), layout).values()) == {"tensor<0xi32>"}
+    # One RoI has no order to choose; per-image boxes go through the same lowering.
+    assert set(orders(platform, large, abstract((1, 5)), layout).values()) == {"tensor<0xi32>"}
+    assert set(orders(platform, large, abstract((n, 5, 4)), layout).values()) == {
+        f"tensor<{n * 5}xi32>"}
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_symbolic_sizes_are_pooled_in_roi_order(platform):
+    features, rois = jax.export.symbolic_args_specs(
+        (np.ones((2, 8, 9, 5), np.float32), np.ones((3, 5), np.float32)),
+        ("n, h, w, c", "r, 5"))
+    exported = jax.export.export(jax.jit(lambda f, r: jrp.roi_pool(f, r, 3)),
+                                 platforms=(platform,),
+                                 disabled_checks=jrp.export_safety_checks())(features, rois)
+    text = exported.mlir_module()
+    assert "stablehlo.sort" in text
+    assert re.search(r"custom_call @roipool_forward\(.*?\)\s*\{.*?\}\s*:\s*\(.*?, "
+                     r"tensor<\?xi32>\)", text, re.DOTALL), text
+
+
+def test_roi_order_groups_rois_by_image_then_top_to_bottom():
+    rois = np.array([[1, 0, 50, 9, 60],    # image 1, lower
+                     [0, 0, 30, 9, 40],    # image 0, lower
+                     [1, 5, 0, 9, 10],     # image 1, top
+                     [0.5, 0, 0, 9, 10],   # image 0 (truncated), top
+                     [0, 0, 10, 9, 20]],   # image 0, middle
+                    np.float32)
+    assert np.asarray(_native.roi_order(jnp.asarray(rois))).tolist() == [3, 4, 1, 2, 0]
+
+
+def pooled_in_both_orders(monkeypatch, fn, *args):
+    """fn(*args) jitted on the CPU in the RoIs' own order and in roi_order."""
+    results = []
+    for threshold in (2**62, 0):
+        monkeypatch.setitem(_native.SORT_ROIS_FROM_FEATURE_BYTES, "cpu", threshold)
+        jitted = jax.jit(lambda *a: fn(*a))  # a new function: traced and lowered anew
+        assert ("stablehlo.sort" in jitted.lower(*args).as_text()) == (threshold == 0)
+        results.append(jax.tree_util.tree_map(np.asarray, jitted(*args)))
+    return results
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpu_kernels_give_the_same_results_in_roi_order(monkeypatch, dtype, layout, bins):
+    rng = np.random.default_rng(7)
+    features = random_features(rng, feature_shape(3, 17, 14, 37, layout), dtype, "ties")
+    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    rois = np.concatenate([random_rois(rng, 3, 17, 14, 120, 0.5),
+                           adversarial_rois(3, 17, 14, 0.5)]).astype(rois_dtype)
+    rois = rois[rng.permutation(len(rois))]
+    tangent = random_features(rng, features.shape, dtype)
+    # Small integers: the gradient's sums are exact in any order.
+    cot = rng.integers(-2, 3, feature_shape(len(rois), 4, 5, 37, layout)).astype(dtype)
+    pool = functools.partial(jrp.roi_pool, output_size=(4, 5), spatial_scale=0.5,
+                             layout=layout, bins=bins)
+
+    def fn(f, r, t, c):
+        out, pullback = jax.vjp(lambda x: pool(x, r), f)
+        return (out, jax.jvp(lambda x: pool(x, r), (f,), (t,))[1], pullback(c)[0],
+                jrp.roi_pool_with_argmax(f, r, (4, 5), 0.5, layout=layout, bins=bins)[1])
+
+    with x64_for(dtype):
+        own, ordered = pooled_in_both_orders(monkeypatch, fn, features, rois, tangent, cot)
+    for a, b, what in zip(own, ordered, ("output", "jvp", "gradient", "argmax")):
+        assert_bitwise(b, a, f"{what} in roi_order")
+
+
+def test_per_image_boxes_and_vmap_give_the_same_results_in_roi_order(monkeypatch):
+    rng = np.random.default_rng(8)
+    features = random_features(rng, (2, 3, 12, 13, 5), np.float32, "ties")
+    boxes = random_rois(rng, 3, 12, 13, 2 * 3 * 9, 1.0, adversarial=False)[:, 1:]
+    boxes = boxes.reshape(2, 3, 9, 4)
+
+    def fn(f, b):
+        return jax.vmap(lambda x, y: jax.value_and_grad(
+            lambda x: jnp.sum(jrp.roi_pool(x, y, 3) ** 2))(x))(f, b)
+
+    own, ordered = pooled_in_both_orders(monkeypatch, fn, features, boxes)
+    for a, b in zip(jax.tree_util.tree_leaves(own), jax.tree_util.tree_leaves(ordered)):
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+
+
+def hand_written_forward(features, rois, order):
+    """The CPU forward kernel called directly with a given order operand."""
+    out_shape = jax.ShapeDtypeStruct((len(rois), 2, 2, features.shape[-1]), features.dtype)
+    argmax_shape = jax.ShapeDtypeStruct(out_shape.shape, np.int32)
+    call = jax.ffi.ffi_call("roipool_forward", (out_shape, argmax_shape))
+    return jax.jit(lambda f, r, o: call(f, r, o, **_native._pool_attrs(
+        (2, 2), 1.0, "NHWC", "fast_rcnn")))(features, rois, order)
+
+
+def test_hand_written_orders_are_checked_or_skipped():
+    rng = np.random.default_rng(9)
+    features = random_features(rng, (2, 9, 8, 3), np.float32)
+    rois = random_rois(rng, 2, 9, 8, 6, 1.0, adversarial=False)
+    want_out, want_arg = jrp.roi_pool_with_argmax(features, rois, 2)
+    own = hand_written_forward(features, rois, np.zeros((0,), np.int32))
+    assert_bitwise(np.asarray(own[0]), np.asarray(want_out), "output in own order")
+    with pytest.raises(Exception, match=r"order must be \[R\] or \[0\]"):
+        hand_written_forward(features, rois, np.arange(5, dtype=np.int32))
+    # Entries outside [0, R) pool nothing: the RoIs they displaced (0 and 1)
+    # are not written, the others are right, nothing is read out of bounds.
+    out, arg = hand_written_forward(features, rois, np.array([-1, 6, 2, 3, 4, 5], np.int32))
+    assert_bitwise(np.asarray(out)[2:], np.asarray(want_out)[2:], "output of the other RoIs")
+    assert_bitwise(np.asarray(arg)[2:], np.asarray(want_arg)[2:], "argmax of the other RoIs")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_scatter_pools_the_rois_the_order_names(layout):
+    # An order that names RoI 2 six times (no lowering makes one): the
+    # gradient is six times RoI 2's, so the kernel pools what the order says.
+    rng = np.random.default_rng(10)
+    features = random_features(rng, feature_shape(2, 9, 8, 3, layout), np.float32)
+    rois = random_rois(rng, 2, 9, 8, 6, 1.0, adversarial=False)
+    cot = rng.integers(-2, 3, feature_shape(6, 2, 2, 3, layout)).astype(np.float32)
+    grad_shape = jax.ShapeDtypeStruct(features.shape, np.float32)
+    call = jax.ffi.ffi_call("roipool_scatter", grad_shape)
+    grad = call(cot, features, rois, np.full(6, 2, np.int32),
+                **_native._pool_attrs((2, 2), 1.0, layout, "fast_rcnn"))
+    only_roi_2 = jax.vjp(lambda x: jrp.roi_pool(x, rois[2:3], 2, layout=layout), features)[1](
+        cot[2:3])[0]
+    assert np.asarray(only_roi_2).any()
+    assert_bitwise(np.asarray(grad), 6 * np.asarray(only_roi_2), "gradient of RoI 2 six times")
