@@ -745,6 +745,24 @@ ffi::Error dispatch_types(const ffi::AnyBuffer& values,
                                                  std::forward<F>(fn));
 }
 
+// That the pooling order, here in host memory, is a permutation of [0, R),
+// as the lowering's always is. A hand-written custom call's might name a RoI
+// twice or not at all (leaving its outputs unwritten, or having two workers
+// write one output); the CUDA kernels, whose order lies on the device,
+// skip entries outside [0, R) instead.
+ffi::Error check_order_is_permutation(const PoolCall& s) {
+  if (!s.order) return ffi::Error::Success();
+  std::vector<bool> named(s.p.r);
+  for (int64_t slot = 0; slot < s.p.r; ++slot) {
+    const int64_t r = roi_in_order(s.order, slot, s.p.r);
+    if (r < 0 || named[r])
+      return ffi::Error::InvalidArgument(
+          "roi_pool: order must be a permutation of [0, R)");
+    named[r] = true;
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
                    ffi::AnyBuffer rois, ffi::Buffer<ffi::S32> order,
                    ffi::Result<ffi::AnyBuffer> out,
@@ -756,6 +774,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
                                     pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
+  if (auto err = check_order_is_permutation(s); err.failure()) return err;
   // An empty argmax result asks for the maxima alone (no gradient needed).
   const bool with_argmax = argmax->element_count() != 0;
   const FeatureShape& f = s.f;
@@ -811,6 +830,7 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
+  if (auto err = check_order_is_permutation(s); err.failure()) return err;
   const FeatureShape& f = s.f;
   const PooledShape& p = s.p;
   return dispatch_types(features, rois, [&](auto value_tag, auto coord_tag) {
@@ -876,6 +896,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
                                       pooled_h, pooled_w, layout, bins, &s);
       err.failure())
     return err;
+  if (auto err = check_order_is_permutation(s); err.failure()) return err;
   const FeatureShape& f = s.f;
   const PooledShape& p = s.p;
   return dispatch_types(features, rois, [&](auto value_tag, auto coord_tag) {

@@ -66,11 +66,11 @@ def _pool_attrs(pooled, spatial_scale, layout, bins):
 # for nearly every RoI, while in image order each image's features can stay
 # in cache while its RoIs are pooled. On the CPU (2 cores, 32 MiB of L3;
 # benchmarks/bench_roi_order.py, results/roi-order-cpu-*.md) sorting paid
-# from 28 MB of features on (forward 1.1-1.7x, forward+backward 1.3-1.8x;
-# 111 MB: 2.5x and 2.2x in NHWC), while at 7 and 14 MB the NCHW forward lost
-# (0.8-1.0x) and the NHWC one gained nothing. The CUDA threshold is reasoned
-# from the 50 MB L2 of an H100, not yet measured (bench_gpu.py times both
-# orders).
+# from 28 MB of features on (forward 1.2-1.6x, forward+backward 1.4-2.0x;
+# 111 MB: 1.7-2.5x and 2.0x), while at 7 and 14 MB the NCHW forward lost or
+# gained nothing (0.8-1.0x) and the NHWC one gained little (1.0-1.1x). The
+# CUDA threshold is reasoned from the 50 MB L2 of an H100, not yet measured
+# (bench_gpu.py times both orders).
 SORT_ROIS_FROM_FEATURE_BYTES = {"cpu": 16 * 2**20, "cuda": 32 * 2**20}
 
 

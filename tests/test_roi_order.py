@@ -150,35 +150,45 @@ def hand_written_forward(features, rois, order):
         (2, 2), 1.0, "NHWC", "fast_rcnn")))(features, rois, order)
 
 
-def test_hand_written_orders_are_checked_or_skipped():
+def test_hand_written_orders_are_checked():
     rng = np.random.default_rng(9)
     features = random_features(rng, (2, 9, 8, 3), np.float32)
     rois = random_rois(rng, 2, 9, 8, 6, 1.0, adversarial=False)
     want_out, want_arg = jrp.roi_pool_with_argmax(features, rois, 2)
-    own = hand_written_forward(features, rois, np.zeros((0,), np.int32))
-    assert_bitwise(np.asarray(own[0]), np.asarray(want_out), "output in own order")
+    for order in (np.zeros((0,), np.int32), np.array([5, 3, 1, 0, 2, 4], np.int32)):
+        out, arg = hand_written_forward(features, rois, order)
+        assert_bitwise(np.asarray(out), np.asarray(want_out), f"output in order {order}")
+        assert_bitwise(np.asarray(arg), np.asarray(want_arg), f"argmax in order {order}")
     with pytest.raises(Exception, match=r"order must be \[R\] or \[0\]"):
         hand_written_forward(features, rois, np.arange(5, dtype=np.int32))
-    # Entries outside [0, R) pool nothing: the RoIs they displaced (0 and 1)
-    # are not written, the others are right, nothing is read out of bounds.
-    out, arg = hand_written_forward(features, rois, np.array([-1, 6, 2, 3, 4, 5], np.int32))
-    assert_bitwise(np.asarray(out)[2:], np.asarray(want_out)[2:], "output of the other RoIs")
-    assert_bitwise(np.asarray(arg)[2:], np.asarray(want_arg)[2:], "argmax of the other RoIs")
+    # The CPU kernels check that the order (in host memory) is a permutation:
+    # a RoI named twice or not at all would leave outputs unwritten.
+    for order in ([-1, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 4]):
+        with pytest.raises(Exception, match=r"order must be a permutation of \[0, R\)"):
+            hand_written_forward(features, rois, np.array(order, np.int32))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_cpu_scatter_pools_the_rois_the_order_names(layout):
-    # An order that names RoI 2 six times (no lowering makes one): the
-    # gradient is six times RoI 2's, so the kernel pools what the order says.
-    rng = np.random.default_rng(10)
-    features = random_features(rng, feature_shape(2, 9, 8, 3, layout), np.float32)
-    rois = random_rois(rng, 2, 9, 8, 6, 1.0, adversarial=False)
-    cot = rng.integers(-2, 3, feature_shape(6, 2, 2, 3, layout)).astype(np.float32)
-    grad_shape = jax.ShapeDtypeStruct(features.shape, np.float32)
-    call = jax.ffi.ffi_call("roipool_scatter", grad_shape)
-    grad = call(cot, features, rois, np.full(6, 2, np.int32),
-                **_native._pool_attrs((2, 2), 1.0, layout, "fast_rcnn"))
-    only_roi_2 = jax.vjp(lambda x: jrp.roi_pool(x, rois[2:3], 2, layout=layout), features)[1](
-        cot[2:3])[0]
-    assert np.asarray(only_roi_2).any()
-    assert_bitwise(np.asarray(grad), 6 * np.asarray(only_roi_2), "gradient of RoI 2 six times")
+def test_cpu_scatter_sums_in_roi_order(monkeypatch, layout):
+    # Four one-bin RoIs whose maximum is the same cell: the gradient there is
+    # the sum of their cotangents 1, 2**-24, 2**-24 and 0 in the order the
+    # scatter takes them, whatever its split between workers (each sums its
+    # places in order, then the workers in order). In the RoIs' own order 1
+    # comes first and each 2**-24 rounds away (ties to even); in roi_order
+    # (top to bottom) the two tiny ones come first and add up to a whole ulp.
+    features = np.zeros(feature_shape(1, 8, 8, 1, layout), np.float32)
+    features[(0, 4, 4, 0) if layout == "NHWC" else (0, 0, 4, 4)] = 1
+    rois = np.array([[0, 0, 3, 7, 7],    # y1 + y2 = 10: last in roi_order
+                     [0, 2, 0, 5, 4],    # 4: first
+                     [0, 3, 1, 4, 4],    # 5: second
+                     [0, 4, 2, 6, 6]],   # 8: third
+                    np.float32)
+    assert np.asarray(_native.roi_order(jnp.asarray(rois))).tolist() == [1, 2, 3, 0]
+    cot = np.array([1, 2**-24, 2**-24, 0], np.float32).reshape((4, 1, 1, 1))
+
+    def grad(f, r, c):
+        return jax.vjp(lambda x: jrp.roi_pool(x, r, 1, layout=layout), f)[1](c)[0]
+
+    own, ordered = pooled_in_both_orders(monkeypatch, grad, features, rois, cot)
+    assert own.sum() == own.max() == 1
+    assert ordered.sum() == ordered.max() == np.float32(1 + 2**-23)
