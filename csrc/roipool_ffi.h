@@ -115,7 +115,7 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
                                   const ffi::Buffer<ffi::S32>& order,
                                   int32_t pooled_h, int32_t pooled_w,
                                   int32_t layout, int32_t bins,
-                                  PoolCall* shapes) {
+                                  PoolCall* call) {
   if (layout != kNHWC && layout != kNCHW)
     return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
   if (bins != kFastRcnn && bins != kPartition)
@@ -127,16 +127,16 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
   if (fd.size() != 4 || rd.size() != 2 || rd[1] != 5)
     return ffi::Error::InvalidArgument(
         "roi_pool: features must be rank 4 and rois [R, 5]");
-  shapes->f = feature_shape(fd, layout);
-  const FeatureShape& f = shapes->f;
+  call->f = feature_shape(fd, layout);
+  const FeatureShape& f = call->f;
   if (f.h > INT32_MAX || f.w > INT32_MAX || f.n * f.h * f.w > INT32_MAX)
     return ffi::Error::InvalidArgument(
         "roi_pool: N * H * W must fit in int32 (argmax cell indices)");
-  shapes->p = PooledShape{rd[0], pooled_h, pooled_w, f.c};
+  call->p = PooledShape{rd[0], pooled_h, pooled_w, f.c};
   const auto od = order.dimensions();
   if (od.size() != 1 || (od[0] != 0 && od[0] != rd[0]))
     return ffi::Error::InvalidArgument("roi_pool: order must be [R] or [0]");
-  shapes->order = od[0] == 0 ? nullptr : order.typed_data();
+  call->order = od[0] == 0 ? nullptr : order.typed_data();
   return ffi::Error::Success();
 }
 
@@ -149,14 +149,14 @@ inline ffi::Error check_forward_call(const ffi::AnyBuffer& features,
                                      ffi::Result<ffi::Buffer<ffi::S32>>& argmax,
                                      int32_t pooled_h, int32_t pooled_w,
                                      int32_t layout, int32_t bins,
-                                     PoolCall* shapes) {
+                                     PoolCall* call) {
   if (auto err = check_pool_call(features, rois, order, pooled_h, pooled_w,
-                                 layout, bins, shapes);
+                                 layout, bins, call);
       err.failure())
     return err;
-  if (!shapes->is_pooled(out->dimensions(), layout) ||
+  if (!call->is_pooled(out->dimensions(), layout) ||
       (argmax->element_count() != 0 &&
-       !shapes->is_pooled(argmax->dimensions(), layout)) ||
+       !call->is_pooled(argmax->dimensions(), layout)) ||
       out->element_type() != features.element_type())
     return ffi::Error::InvalidArgument(
         "roi_pool: output/argmax shape or dtype does not match the inputs");
@@ -181,14 +181,14 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        ffi::DataType result_type,
                                        int32_t pooled_h, int32_t pooled_w,
                                        int32_t layout, int32_t bins,
-                                       PoolCall* shapes) {
+                                       PoolCall* call) {
   if (auto err = check_pool_call(features, rois, order, pooled_h, pooled_w,
-                                 layout, bins, shapes);
+                                 layout, bins, call);
       err.failure())
     return err;
   const auto pooled = gather ? result->dimensions() : value.dimensions();
   const auto like_features = gather ? value.dimensions() : result->dimensions();
-  if (!shapes->is_pooled(pooled, layout) ||
+  if (!call->is_pooled(pooled, layout) ||
       !same_dims(like_features, features.dimensions()) ||
       value.element_type() != features.element_type() ||
       result->element_type() != result_type)
