@@ -62,16 +62,14 @@ def main() -> int:
     rows = []
     for wl in chosen:
         arrays = make_arrays(wl)
-        pools = {}
+        pools, results = {}, {}
         for on in (False, True):
             pools[on] = JaxRoiPool(arrays, args.layout)
             with roi_order_forced(platform, on):  # traced and compiled now, so run so later
                 pools[on].forward()
-                results = pools[on].results()
-            if on:
-                for key, value in results.items():
-                    np.testing.assert_array_equal(value, previous[key], err_msg=key)
-            previous = results
+                results[on] = pools[on].results()
+        for key, value in results[True].items():
+            np.testing.assert_array_equal(value, results[False][key], err_msg=key)
         calls = {(on, mode): (pools[on].call(mode), pools[on].sync)
                  for mode in ("forward", "forward_backward") for on in (False, True)}
         inner = {k: _timing.calibrate_inner(call, sync=sync) for k, (call, sync) in calls.items()}

@@ -222,3 +222,29 @@ def adversarial_rois(n, h, w, spatial_scale=1.0, dtype=np.float32):
     ]
     with np.errstate(over="ignore"):
         return np.asarray(rows, np.float64).astype(dtype)
+
+
+def all_ops_case(rng, dtype, layout, bins, n, h, w, c, r, pooled, spatial_scale):
+    """(fn, args) exercising every kernel: fn(features, rois, tangent,
+    cotangent) gives roi_pool's output, JVP (gather), gradient (scatter) and
+    argmax. The features hold many ties; the rois are random and adversarial,
+    shuffled (in no order of their images); the cotangent holds small
+    integers, so the gradient's sums are exact in any order."""
+    import jax_roipool as jrp
+
+    features = random_features(rng, feature_shape(n, h, w, c, layout), dtype, "ties")
+    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    rois = np.concatenate([random_rois(rng, n, h, w, r, spatial_scale),
+                           adversarial_rois(n, h, w, spatial_scale)]).astype(rois_dtype)
+    rois = rois[rng.permutation(len(rois))]
+    tangent = random_features(rng, features.shape, dtype)
+    cot = rng.integers(-2, 3, feature_shape(len(rois), *pooled, c, layout)).astype(dtype)
+    config = dict(output_size=pooled, spatial_scale=spatial_scale, layout=layout, bins=bins)
+
+    def fn(f, r, t, ct):
+        pool = functools.partial(jrp.roi_pool, rois=r, **config)
+        out, pullback = jax.vjp(pool, f)
+        return (out, jax.jvp(pool, (f,), (t,))[1], pullback(ct)[0],
+                jrp.roi_pool_with_argmax(f, r, **config)[1])
+
+    return fn, (features, rois, tangent, cot)

@@ -11,9 +11,9 @@ import pytest
 
 import jax_roipool as jrp
 from jax_roipool import _native
-from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
-                      assert_exact, dtype_id, feature_shape, random_features, random_rois,
-                      x64_for)
+from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, all_ops_case,
+                      assert_bitwise, assert_exact, dtype_id, feature_shape, random_features,
+                      random_rois, x64_for)
 
 
 def _gpus():
@@ -185,27 +185,13 @@ def test_roi_order_matches_cpu(monkeypatch, dtype, layout):
     # CUDA; forced here on small ones: the same bits as the CPU kernels, for
     # the forward, the JVP's gather and the gradient's scatter.
     monkeypatch.setitem(_native.SORT_ROIS_FROM_FEATURE_BYTES, "cuda", 0)
-    rng = np.random.default_rng(6)
-    features = random_features(rng, feature_shape(3, 16, 19, 7, layout), dtype, "ties")
-    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    rois = np.concatenate([random_rois(rng, 3, 16, 19, 300, 0.5),
-                           adversarial_rois(3, 16, 19, 0.5)]).astype(rois_dtype)
-    rois = rois[rng.permutation(len(rois))]
-    tangent = random_features(rng, features.shape, dtype)
-    cot = rng.integers(-2, 3, feature_shape(len(rois), 4, 3, 7, layout)).astype(dtype)
-
-    def fn(f, r, t, c):
-        pool = functools.partial(jrp.roi_pool, rois=r, output_size=(4, 3), spatial_scale=0.5,
-                                 layout=layout)
-        out, pullback = jax.vjp(pool, f)
-        return (out, jax.jvp(pool, (f,), (t,))[1], pullback(c)[0],
-                jrp.roi_pool_with_argmax(f, r, (4, 3), 0.5, layout=layout)[1])
-
+    fn, args = all_ops_case(np.random.default_rng(6), dtype, layout, "fast_rcnn", 3, 16, 19, 7,
+                            300, (4, 3), 0.5)
     with x64_for(dtype):
-        args = [jax.device_put(a, gpu()) for a in (features, rois, tangent, cot)]
-        assert "stablehlo.sort" in jax.jit(fn).lower(*args).as_text()
-        got = run_on(gpu(), fn, features, rois, tangent, cot)
-        want = run_on(cpu(), fn, features, rois, tangent, cot)
+        placed = [jax.device_put(a, gpu()) for a in args]
+        assert "stablehlo.sort" in jax.jit(fn).lower(*placed).as_text()
+        got = run_on(gpu(), fn, *args)
+        want = run_on(cpu(), fn, *args)
     for g, w, what in zip(got, want, ("output", "jvp", "gradient", "argmax")):
         assert_bitwise(g, w, f"{what} in roi_order")
 

@@ -10,7 +10,6 @@ tests/test_gpu.py the CUDA kernels on a GPU.
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 import jax_roipool as jrp
-from conftest import (BINS, DTYPES, LAYOUTS, adversarial_rois, assert_bitwise, dtype_id,
+from conftest import (BINS, DTYPES, LAYOUTS, all_ops_case, assert_bitwise, dtype_id,
                       feature_shape, random_features, random_rois, x64_for)
 from jax_roipool import _native
 
@@ -103,25 +102,10 @@ def pooled_in_both_orders(monkeypatch, fn, *args):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cpu_kernels_give_the_same_results_in_roi_order(monkeypatch, dtype, layout, bins):
-    rng = np.random.default_rng(7)
-    features = random_features(rng, feature_shape(3, 17, 14, 37, layout), dtype, "ties")
-    rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    rois = np.concatenate([random_rois(rng, 3, 17, 14, 120, 0.5),
-                           adversarial_rois(3, 17, 14, 0.5)]).astype(rois_dtype)
-    rois = rois[rng.permutation(len(rois))]
-    tangent = random_features(rng, features.shape, dtype)
-    # Small integers: the gradient's sums are exact in any order.
-    cot = rng.integers(-2, 3, feature_shape(len(rois), 4, 5, 37, layout)).astype(dtype)
-    pool = functools.partial(jrp.roi_pool, output_size=(4, 5), spatial_scale=0.5,
-                             layout=layout, bins=bins)
-
-    def fn(f, r, t, c):
-        out, pullback = jax.vjp(lambda x: pool(x, r), f)
-        return (out, jax.jvp(lambda x: pool(x, r), (f,), (t,))[1], pullback(c)[0],
-                jrp.roi_pool_with_argmax(f, r, (4, 5), 0.5, layout=layout, bins=bins)[1])
-
+    fn, args = all_ops_case(np.random.default_rng(7), dtype, layout, bins, 3, 17, 14, 37, 120,
+                            (4, 5), 0.5)
     with x64_for(dtype):
-        own, ordered = pooled_in_both_orders(monkeypatch, fn, features, rois, tangent, cot)
+        own, ordered = pooled_in_both_orders(monkeypatch, fn, *args)
     for a, b, what in zip(own, ordered, ("output", "jvp", "gradient", "argmax")):
         assert_bitwise(b, a, f"{what} in roi_order")
 
