@@ -109,6 +109,11 @@ def roi_pool(
     them. Inside ``shard_map`` both forms pool the local block (batch
     indices of ``[R, 5]`` rois, and argmax indices, are then local).
 
+    Order: the RoIs may come in any order of their images. Large feature
+    maps (16 MiB or more on the CPU, 32 MiB on CUDA) are pooled with the RoIs
+    grouped by image, which keeps each image's features in cache; every
+    result stays in its RoI's place.
+
     Export: see :func:`export_safety_checks`.
     """
     return _pool(features, rois, output_size, spatial_scale, layout, bins, with_argmax=False)[0]
