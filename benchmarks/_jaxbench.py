@@ -19,20 +19,22 @@ NATIVE_TARGETS = ("roipool_forward", "roipool_scatter")
 
 @contextlib.contextmanager
 def roi_order_forced(platform: str, on: bool):
-    """While tracing: the pooling order of the lowering for ``platform``
-    ("cpu" or "cuda") forced to roi_order (on) or the RoIs' own (off)."""
+    """While tracing: the pooling order of every kernel's lowering for
+    ``platform`` ("cpu" or "cuda") forced to roi_order (on) or the RoIs' own
+    (off)."""
     thresholds = _native.SORT_ROIS_FROM_FEATURE_BYTES
     saved = thresholds[platform]
-    thresholds[platform] = 0 if on else float("inf")
+    thresholds[platform] = dict.fromkeys(saved, 0 if on else float("inf"))
     try:
         yield
     finally:
         thresholds[platform] = saved
 
 
-def sorts_by_default(platform: str, feature_bytes: int) -> bool:
-    """Whether the lowering for ``platform`` pools features this large in roi_order."""
-    return feature_bytes >= _native.SORT_ROIS_FROM_FEATURE_BYTES[platform]
+def sorts_by_default(platform: str, feature_bytes: int, target: str = "roipool_forward") -> bool:
+    """Whether the lowering of kernel ``target`` for ``platform`` pools
+    features this large in roi_order."""
+    return feature_bytes >= _native.SORT_ROIS_FROM_FEATURE_BYTES[platform][target]
 
 
 def source_commit() -> str | None:

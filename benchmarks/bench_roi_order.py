@@ -1,10 +1,10 @@
 """The pooling order's A/B on jax's default device: RoIs in their own order vs
 in ``roi_order`` (by image, then top to bottom).
 
-For each workload, the forward and forward+backward of jax_roipool (NHWC, or
-``--layout NCHW``) are
-jitted twice, once with the lowering's ``SORT_ROIS_FROM_FEATURE_BYTES``
-threshold for this platform forced off and once forced on, and timed in
+For each workload, the forward, backward and forward+backward of jax_roipool
+(NHWC, or ``--layout NCHW``) are jitted twice, once with the lowering's
+``SORT_ROIS_FROM_FEATURE_BYTES`` thresholds for this platform (every
+kernel's) forced off and once forced on, and timed in
 interleaved rounds (medians of all samples; each sample ~20 ms of
 back-to-back calls, then a sync). The RoIs are those of ``_workloads.py``:
 batch indices uniform over the images, in no order. The ordered time
@@ -29,6 +29,10 @@ sys.path.insert(0, HERE)
 
 import _timing  # noqa: E402
 from _workloads import FRCNN, MASKRCNN, Workload, make_arrays  # noqa: E402
+
+# Timed calls: the forward, the backward alone (the forward's residuals
+# computed once, outside the timing) and both in one jit.
+MODES = {"forward": "fwd", "backward": "bwd", "forward_backward": "fwd+bwd"}
 
 # Fast R-CNN maps of 2, 4 and 8 images (7, 14 and 28 MB of features), the
 # Mask R-CNN-like one (28 MB), and 8 images of 256 channels at 100x136 (111 MB).
@@ -67,11 +71,12 @@ def main() -> int:
             pools[on] = JaxRoiPool(arrays, args.layout)
             with roi_order_forced(platform, on):  # traced and compiled now, so run so later
                 pools[on].forward()
+                pools[on].backward()
                 results[on] = pools[on].results()
         for key, value in results[True].items():
             np.testing.assert_array_equal(value, results[False][key], err_msg=key)
         calls = {(on, mode): (pools[on].call(mode), pools[on].sync)
-                 for mode in ("forward", "forward_backward") for on in (False, True)}
+                 for mode in MODES for on in (False, True)}
         inner = {k: _timing.calibrate_inner(call, sync=sync) for k, (call, sync) in calls.items()}
         samples = {k: [] for k in calls}
         for _ in range(args.rounds):
@@ -79,9 +84,10 @@ def main() -> int:
                 samples[k] += _timing.measure(call, sync=sync, warmup=1, repeats=args.repeats,
                                               inner=inner[k]).samples
         med = {k: float(np.median(v)) for k, v in samples.items()}
-        default = sorts_by_default(platform, wl.feature_bytes)
-        row = [wl.name, f"{wl.feature_bytes / 1e6:.0f} MB", "roi_order" if default else "own"]
-        for mode in ("forward", "forward_backward"):
+        default = "/".join("roi_order" if sorts_by_default(platform, wl.feature_bytes, t)
+                           else "own" for t in ("roipool_forward", "roipool_scatter"))
+        row = [wl.name, f"{wl.feature_bytes / 1e6:.0f} MB", default]
+        for mode in MODES:
             row += [_timing.fmt_ms(med[(False, mode)]), _timing.fmt_ms(med[(True, mode)]),
                     _timing.fmt_ratio(med[(False, mode)] / med[(True, mode)])]
         rows.append(row)
@@ -91,14 +97,15 @@ def main() -> int:
     host = _timing.host_info()
     today = datetime.date.today().isoformat()
     table = _timing.markdown_table(
-        ["workload", "features", "default order", "fwd own ms", "fwd roi_order ms",
-         "fwd gain", "fwd+bwd own ms", "fwd+bwd roi_order ms", "fwd+bwd gain"], rows, left=3)
+        ["workload", "features", "default order (fwd/bwd)"]
+        + [f"{MODES[mode]} {what}" for mode in MODES for what in ("own ms", "roi_order ms", "gain")],
+        rows, left=3)
     text = (f"# Pooling order A/B on {platform}, {today}\n\n"
             f"- jax {v['jax']}, jax_roipool {v['jax_roipool']}, device {v.get('jax_device')}\n"
             f"- host: {host['cpu']}, {host['usable_cpus']} cpus\n"
             f"- {args.layout}, float32; medians of {args.rounds} x {args.repeats} samples, interleaved; "
-            f"gain = own / roi_order (the sort included); threshold "
-            f"{_native.SORT_ROIS_FROM_FEATURE_BYTES[platform] / 2**20:g} MiB\n\n{table}\n")
+            f"gain = own / roi_order (the sort included); "
+            f"thresholds {_native.SORT_ROIS_FROM_FEATURE_BYTES[platform]}\n\n{table}\n")
     print("\n" + text)
     if args.save:
         path = os.path.join(HERE, "results",

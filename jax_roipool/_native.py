@@ -60,18 +60,24 @@ def _pool_attrs(pooled, spatial_scale, layout, bins):
 
 
 # Features of this many bytes or more are pooled with their RoIs in
-# roi_order rather than in their own order, per platform. A detector's RoIs
-# may come in any order of their images (sorted by score across a batch,
-# say): features larger than the caches would then be read from memory again
-# for nearly every RoI, while in image order each image's features can stay
-# in cache while its RoIs are pooled. On the CPU (2 cores, 32 MiB of L3;
-# benchmarks/bench_roi_order.py, results/roi-order-cpu-*.md) sorting paid
-# from 28 MB of features on (forward 1.2-1.6x, forward+backward 1.4-2.0x;
-# 111 MB: 1.7-2.5x and 2.0x), while at 7 and 14 MB the NCHW forward lost or
-# gained nothing (0.8-1.0x) and the NHWC one gained little (1.0-1.1x). The
-# CUDA threshold is reasoned from the 50 MB L2 of an H100, not yet measured
+# roi_order rather than in their own order, per platform and kernel. A
+# detector's RoIs may come in any order of their images (sorted by score
+# across a batch, say): features larger than the caches would then be read
+# from memory again for nearly every RoI, while in image order each image's
+# features can stay in cache while its RoIs are pooled. On the CPU (2 cores,
+# 32 MiB of L3; benchmarks/bench_roi_order.py, results/roi-order-cpu-*.md)
+# sorting paid the forward from 28 MB of features on (1.2-1.6x; 111 MB:
+# 1.7-2.5x), while at 7 and 14 MB the NCHW forward lost or gained nothing
+# (0.8-1.0x) and the NHWC one gained little (1.0-1.1x). The backward (the
+# scatter, whose workers each add into their own feature-sized accumulator)
+# gained at every size: 1.04-1.23x at 7 MB, 1.28-1.56x at 14 MB, with the
+# sort. The gather writes pooled outputs as the forward does. The CUDA
+# threshold is reasoned from the 50 MB L2 of an H100, not yet measured
 # (bench_gpu.py times both orders).
-SORT_ROIS_FROM_FEATURE_BYTES = {"cpu": 16 * 2**20, "cuda": 32 * 2**20}
+SORT_ROIS_FROM_FEATURE_BYTES = {
+    "cpu": {"roipool_forward": 16 * 2**20, "roipool_gather": 16 * 2**20, "roipool_scatter": 0},
+    "cuda": dict.fromkeys(FFI_TARGETS, 32 * 2**20),
+}
 
 
 def roi_order(rois: jax.Array) -> jax.Array:
@@ -81,13 +87,13 @@ def roi_order(rois: jax.Array) -> jax.Array:
     return jnp.lexsort((rois[:, 2] + rois[:, 4], jnp.trunc(rois[:, 0]))).astype(np.int32)
 
 
-def _sorts_rois(platform: str, features, rois) -> bool:
-    """Whether the lowering for ``platform`` pools in roi_order (also for
-    symbolic sizes, which may be large)."""
+def _sorts_rois(platform: str, target: str, features, rois) -> bool:
+    """Whether the lowering of kernel ``target`` for ``platform`` pools in
+    roi_order (also for symbolic sizes, which may be large)."""
     if not _checks.is_static(*features.shape, rois.shape[0]):
         return True
     nbytes = math.prod(features.shape) * np.dtype(features.dtype).itemsize
-    return rois.shape[0] > 1 and nbytes >= SORT_ROIS_FROM_FEATURE_BYTES[platform]
+    return rois.shape[0] > 1 and nbytes >= SORT_ROIS_FROM_FEATURE_BYTES[platform][target]
 
 
 def _ffi_lowering(target: str, platform: str):
@@ -100,7 +106,7 @@ def _ffi_lowering(target: str, platform: str):
 
     def lowering(ctx, *operands, with_argmax=None, **config):
         features, rois = ctx.avals_in[-2:]
-        if _sorts_rois(platform, features, rois):
+        if _sorts_rois(platform, target, features, rois):
             order_aval = jax.core.ShapedArray(rois.shape[:1], np.int32)
             order_ctx = ctx.replace(avals_in=[_primitives.plain_aval(rois)],
                                     avals_out=[order_aval])

@@ -184,7 +184,8 @@ def test_roi_order_matches_cpu(monkeypatch, dtype, layout):
     # Features from SORT_ROIS_FROM_FEATURE_BYTES up are pooled in roi_order on
     # CUDA; forced here on small ones: the same bits as the CPU kernels, for
     # the forward, the JVP's gather and the gradient's scatter.
-    monkeypatch.setitem(_native.SORT_ROIS_FROM_FEATURE_BYTES, "cuda", 0)
+    monkeypatch.setitem(_native.SORT_ROIS_FROM_FEATURE_BYTES, "cuda",
+                        dict.fromkeys(_native.FFI_TARGETS, 0))
     fn, args = all_ops_case(np.random.default_rng(6), dtype, layout, "fast_rcnn", 3, 16, 19, 7,
                             300, (4, 3), 0.5)
     with x64_for(dtype):
