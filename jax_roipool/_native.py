@@ -66,12 +66,12 @@ def _pool_attrs(pooled, spatial_scale, layout, bins):
 # from memory again for nearly every RoI, while in image order each image's
 # features can stay in cache while its RoIs are pooled. On the CPU (2 cores,
 # 32 MiB of L3; benchmarks/bench_roi_order.py, results/roi-order-cpu-*.md)
-# sorting paid the forward from 28 MB of features on (1.2-1.6x; 111 MB:
-# 1.7-2.5x), while at 7 and 14 MB the NCHW forward lost or gained nothing
-# (0.8-1.0x) and the NHWC one gained little (1.0-1.1x). The backward (the
-# scatter, whose workers each add into their own feature-sized accumulator)
-# gained at every size: 1.04-1.23x at 7 MB, 1.28-1.56x at 14 MB, with the
-# sort. The gather writes pooled outputs as the forward does. The CUDA
+# sorting paid the forward from 28 MB of features on (1.1-1.4x; 111 MB:
+# 1.2x NCHW, 2.4x NHWC), while at 7 and 14 MB the NCHW forward lost (0.8-0.9x).
+# The backward (the scatter, whose workers each add into their own
+# feature-sized accumulator) gained at every size: 1.1-1.4x at 7 MB,
+# 1.2-1.6x at 14 MB, 1.4-2.2x above, with the sort. The gather writes
+# pooled outputs as the forward does. The CUDA
 # threshold is reasoned from the 50 MB L2 of an H100, not yet measured
 # (bench_gpu.py times both orders).
 SORT_ROIS_FROM_FEATURE_BYTES = {
