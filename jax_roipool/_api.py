@@ -110,9 +110,9 @@ def roi_pool(
     indices of ``[R, 5]`` rois, and argmax indices, are then local).
 
     Order: the RoIs may come in any order of their images. Large feature
-    maps (from 16 MiB on the CPU, where the backward always does, and 32 MiB
-    on CUDA) are pooled with the RoIs grouped by image, which keeps each
-    image's features in cache; every result stays in its RoI's place.
+    maps (per platform and kernel: ``_native.SORT_ROIS_FROM_FEATURE_BYTES``)
+    are pooled with the RoIs grouped by image, which keeps each image's
+    features in cache; every result stays in its RoI's place.
 
     Export: see :func:`export_safety_checks`.
     """
