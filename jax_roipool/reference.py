@@ -29,11 +29,7 @@ def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
     i = jnp.arange(pooled, dtype=jnp.int32)[None, :]
     if bins == "fast_rcnn":
         length = jnp.maximum(last - origin + 1, 1)
-        # XLA rewrites x / broadcast(n) as x * broadcast(1/n), whose rounding
-        # moves some bin edges by one cell; behind the barrier the divisor is
-        # an opaque full-size array and the division stays exact.
-        divisor = lax.optimization_barrier(jnp.full(length.shape, pooled, lo.dtype))
-        bin_size = length.astype(lo.dtype) / divisor
+        bin_size = _rounded_quotient(length, pooled, lo.dtype)
         begin = jnp.floor(i.astype(lo.dtype) * bin_size).astype(jnp.int32)
         end = jnp.ceil((i + 1).astype(lo.dtype) * bin_size).astype(jnp.int32)
     else:
@@ -41,6 +37,41 @@ def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
         begin, end = _partition_edge(i, length, pooled), _partition_edge(i + 1, length, pooled)
         end = jnp.where((length > 0) & (end <= begin), begin + 1, end)
     return jnp.clip(begin + origin, 0, extent), jnp.clip(end + origin, 0, extent)
+
+
+def _rounded_quotient(length, pooled: int, dtype):
+    """dtype(length) / pooled rounded to nearest (ties to even) in float
+    `dtype`, as the kernels divide, for int32 length >= 1 and 1 <= pooled <= 65535.
+
+    Computed without float division, whose rounding is not the same on every
+    backend: XLA on GPU divides float32 within 2 ulp (div.full), XLA on CPU
+    may multiply by a rounded reciprocal, and either moves some bin edges by
+    one cell. Integer long division and one integer-to-float conversion
+    (rounded to nearest everywhere) give the correctly rounded quotient.
+    """
+    info = jnp.finfo(dtype)
+    digits = info.nmant + 1  # significant bits: 24 (float32) or 53 (float64)
+    itype = jnp.int32 if digits <= 24 else jnp.int64
+    # length * 2**shift // pooled keeps at least digits + 2 bits: the bit that
+    # decides the rounding and one below it, into which a non-zero remainder
+    # is folded, so that converting the integer rounds as the exact quotient.
+    length = length.astype(dtype).astype(jnp.int32)  # the kernels divide dtype(length)
+    most = digits + 1 + pooled.bit_length()  # the shift for length 1
+    shift = jnp.maximum(most + 1 - (32 - lax.clz(length)), 0)
+
+    def next_bit(step, state):
+        quotient, remainder = state
+        more = step < shift
+        doubled = jnp.where(more, 2 * remainder, remainder)
+        bit = doubled >= pooled  # never where not `more`: remainder < pooled
+        return (jnp.where(more, 2 * quotient + bit.astype(itype), quotient),
+                doubled - jnp.where(bit, pooled, 0).astype(itype))
+
+    quotient, remainder = lax.fori_loop(
+        0, most, next_bit, ((length // pooled).astype(itype), (length % pooled).astype(itype)))
+    rounded = (quotient | (remainder != 0).astype(itype)).astype(dtype)
+    exponent = (info.maxexp - 1 - shift).astype(itype) << info.nmant  # 2**-shift, exactly
+    return rounded * lax.bitcast_convert_type(exponent, dtype)
 
 
 def _partition_edge(i, length, pooled: int):
