@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
-import hypothesis
-import jax
-import jax.numpy as jnp
-import numpy as np
+# Before jax starts: several processes (xdist workers) may share one GPU,
+# and each would otherwise take 75% of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import reference_loop
+import hypothesis  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import reference_loop  # noqa: E402
 
 # Tests run on the CPU (the native CPU kernels) unless they place their
 # arrays on a GPU themselves, as test_gpu.py does: on a machine with a GPU,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,10 @@ def _gpus():
 
 
 GPUS = _gpus()
+# Set by benchmarks/gpu_proof.sh: there, a GPU that jax cannot use (a broken
+# CUDA plugin, say) must fail the run rather than skip every test.
+if not GPUS and os.environ.get("JAX_ROIPOOL_REQUIRE_GPU") == "1":
+    pytest.fail("JAX_ROIPOOL_REQUIRE_GPU=1 but jax sees no GPU", pytrace=False)
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU present (jax.devices('gpu') is empty)"),
