@@ -102,8 +102,10 @@ def test_launch_grid_covers_every_task_once(kernel, rois, c, pooled):
     assert (blocks - 1) * per_block < tasks <= blocks * per_block  # no block idle
 
 
-def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, order=None):
-    """The kernel's results as numpy arrays: (out, argmax) for the forward,
+def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, order=None,
+            with_argmax=True):
+    """The kernel's results as numpy arrays: (out, argmax) for the forward
+    (argmax None, and a null pointer to the kernel, without ``with_argmax``),
     out for gather, the (float32 for 16-bit) accumulator for scatter; RoIs
     pooled in ``order`` (int32 indices) or their own."""
     n, h, w, c = (features.shape if layout == "NHWC" else
@@ -114,7 +116,7 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, orde
         out = np.zeros(features.shape, np.float64 if dtype == np.float64 else np.float32)
     else:
         out = np.zeros(pooled_shape, dtype)
-    argmax = np.zeros(pooled_shape, np.int32) if op == "forward" else None
+    argmax = np.zeros(pooled_shape, np.int32) if op == "forward" and with_argmax else None
     features, rois = np.ascontiguousarray(features), np.ascontiguousarray(rois)
     value = None if value is None else np.ascontiguousarray(value)
     order = None if order is None else np.ascontiguousarray(order, np.int32)
@@ -168,6 +170,9 @@ def test_cuda_kernel_matches_cpu(kernel, dtype, layout, bins, seed):
     out, arg = emulate(kernel, "forward", features, rois, None, pooled, scale, layout, bins)
     assert_bitwise(out, want_out, "forward output")
     assert_exact(arg, np.asarray(want_arg), "forward argmax")
+    out, _ = emulate(kernel, "forward", features, rois, None, pooled, scale, layout, bins,
+                     with_argmax=False)
+    assert_bitwise(out, want_out, "forward output without argmax")
     gathered = emulate(kernel, "gather", features, rois, source, pooled, scale, layout, bins)
     assert_bitwise(gathered, want_gather, "gather")
     accumulator = emulate(kernel, "scatter", features, rois, cotangent, pooled, scale, layout,
