@@ -23,12 +23,9 @@
 #endif
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#elif defined(__SSE2__)
-#include <emmintrin.h>
-#elif defined(__SSE__)
-#include <xmmintrin.h>
 #endif
 
+#include "roipool_denormals.h"
 #include "roipool_ffi.h"
 #include "roipool_geometry.h"
 
@@ -127,25 +124,6 @@ struct Element<BFloat16> {
     u += 0x7fff + ((u >> 16) & 1);
     return BFloat16{uint16_t(u >> 16)};
   }
-};
-
-// XLA runs CPU computations, its thread pool included, with denormals
-// flushed to zero (FTZ/DAZ). Under DAZ all subnormals compare equal to 0, so
-// the max of a bin of subnormals would keep the first cell where torchvision
-// and the CUDA kernels keep the largest. Every kernel body runs with exact
-// denormals instead, restoring the caller's mode afterwards.
-class ExactDenormals {
- public:
-#if defined(__SSE__)
-  ExactDenormals() : saved_(_mm_getcsr()) {
-    constexpr unsigned kFlushToZero = 1u << 15, kDenormalsAreZero = 1u << 6;
-    _mm_setcsr(saved_ & ~(kFlushToZero | kDenormalsAreZero));
-  }
-  ~ExactDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
 };
 
 // ---------------------------------------------------------------------------
