@@ -242,7 +242,7 @@ def test_float32_bin_edge_cases(ctype):
             # Region [3, 3 + length) on both axes; the map is wide enough that
             # an edge one cell too far is visible rather than clipped.
             rois = np.array([[0, 3, 3, 3 + length - 1, 3 + length - 1]], ctype)
-            out, arg = check_case(features, rois, (pooled, pooled), jax_reference=False)
+            out, arg = check_case(features, rois, (pooled, pooled))
             spans = decode_spans(out, arg, "NHWC")
             want = reference_loop.axis_spans(ctype(3), ctype(2 + length), pooled, 100,
                                              "fast_rcnn", ctype)
