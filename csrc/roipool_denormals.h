@@ -41,10 +41,13 @@ class ExactDenormals {
  private:
   static uint64_t fpcr() {
     uint64_t value;
-    asm volatile("mrs %0, fpcr" : "=r"(value));
+    asm volatile("mrs %0, fpcr" : "=r"(value) : : "memory");
     return value;
   }
-  static void set_fpcr(uint64_t value) { asm volatile("msr fpcr, %0" : : "r"(value)); }
+  // "memory": no load or store of the kernel moves across the mode change.
+  static void set_fpcr(uint64_t value) {
+    asm volatile("msr fpcr, %0" : : "r"(value) : "memory");
+  }
   uint64_t saved_;
 #endif
 };

@@ -41,7 +41,8 @@ def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
 
 def _rounded_quotient(length, pooled: int, dtype):
     """dtype(length) / pooled rounded to nearest (ties to even) in float
-    `dtype`, as the kernels divide, for int32 length >= 1 and 1 <= pooled <= 65535.
+    `dtype`, as the kernels divide, for 1 <= length <= 2**29 + 1 (the longest
+    region between clamped corners) and 1 <= pooled <= 65535.
 
     Computed without float division, whose rounding is not the same on every
     backend: XLA on GPU divides float32 within 2 ulp (div.full), XLA on CPU

@@ -253,3 +253,26 @@ def all_ops_case(rng, dtype, layout, bins, n, h, w, c, r, pooled, spatial_scale)
                 jrp.roi_pool_with_argmax(f, r, **config)[1])
 
     return fn, (features, rois, tangent, cot)
+
+
+def assert_reference_quotient_is_exact(ctype, device):
+    """The jax reference's bin size (length / pooled, without float division)
+    on `device` equals IEEE division, as the kernels': small lengths
+    exhaustively, large ones at random and at the extremes (up to 2^29 + 1,
+    above float32's 2^24 integers), pooled sizes up to 65535."""
+    from jax_roipool import reference
+
+    rng = np.random.default_rng(11)
+    lengths = np.concatenate([np.arange(1, 300), rng.integers(1, 2**29 + 2, 500),
+                              rng.integers(2**23, 2**25, 300),
+                              [2**24 - 1, 2**24 + 1, 2**24 + 3, 2**29, 2**29 + 1]])
+    lengths = lengths.astype(np.int32)
+    pooled_sizes = [*range(1, 24), 255, 256, 4097, 32768, 65534, 65535,
+                    *(int(p) for p in rng.integers(1, 65536, 6))]
+    with x64_for(ctype):
+        on_device = jax.device_put(lengths, device)
+        for pooled in pooled_sizes:
+            got = jax.jit(lambda n, p=pooled: reference._rounded_quotient(n, p, ctype))(on_device)
+            assert got.devices() == {device}
+            want = lengths.astype(ctype) / ctype(pooled)  # IEEE division, as the kernels
+            assert_exact(np.asarray(got), want, f"length / {pooled} in {dtype_id(ctype)}")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import jax_roipool as jrp
-from jax_roipool import _native
+from jax_roipool import _native, reference
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, all_ops_case,
-                      assert_bitwise, assert_exact, dtype_id, feature_shape, random_features,
-                      random_rois, x64_for)
+                      assert_bitwise, assert_exact, assert_reference_quotient_is_exact, dtype_id,
+                      feature_shape, random_features, random_rois, x64_for)
 
 
 def _gpus():
@@ -200,6 +200,29 @@ def test_roi_order_matches_cpu(monkeypatch, dtype, layout):
         want = run_on(cpu(), fn, *args)
     for g, w, what in zip(got, want, ("output", "jvp", "gradient", "argmax")):
         assert_bitwise(g, w, f"{what} in roi_order")
+
+
+# The pure-jnp reference, the lowering where no native kernel exists, run by
+# XLA on the GPU, whose float32 division is not correctly rounded.
+@pytest.mark.parametrize("ctype", [np.float32, np.float64], ids=dtype_id)
+def test_reference_quotient_on_gpu_is_exact(ctype):
+    assert_reference_quotient_is_exact(ctype, gpu())
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_on_gpu_matches_cpu_kernel(layout, bins):
+    rng = np.random.default_rng(5)
+    features = random_features(rng, feature_shape(2, 40, 52, 3, layout), np.float32)
+    rois = np.concatenate([random_rois(rng, 2, 40, 52, 300, 1 / 16),
+                           adversarial_rois(2, 40, 52, 1 / 16)])
+    for pooled in ((7, 7), (28, 3), (13, 5)):
+        config = dict(output_size=pooled, spatial_scale=1 / 16, layout=layout, bins=bins)
+        g_out, g_arg = run_on(gpu(), functools.partial(reference.roi_pool_with_argmax, **config),
+                              features, rois)
+        c_out, c_arg = run_on(cpu(), forward_fn(pooled, 1 / 16, layout, bins), features, rois)
+        assert_bitwise(g_out, c_out, f"reference on the GPU vs CPU kernel, {pooled}")
+        assert_exact(g_arg, c_arg, f"reference argmax on the GPU vs CPU kernel, {pooled}")
 
 
 @pytest.mark.parametrize("scale", SCALES)
