@@ -48,7 +48,8 @@ def _rounded_quotient(length, pooled: int, dtype):
     backend: XLA on GPU divides float32 within 2 ulp (div.full), XLA on CPU
     may multiply by a rounded reciprocal, and either moves some bin edges by
     one cell. Integer long division and one integer-to-float conversion
-    (rounded to nearest everywhere) give the correctly rounded quotient.
+    (rounded to nearest on CPUs and NVIDIA GPUs) give the correctly rounded
+    quotient.
     """
     info = jnp.finfo(dtype)
     digits = info.nmant + 1  # significant bits: 24 (float32) or 53 (float64)
