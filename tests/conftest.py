@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 
 # Before jax starts: several processes (xdist workers) may share one GPU,
 # and each would otherwise take 75% of its memory.
@@ -21,6 +22,18 @@ import reference_loop  # noqa: E402
 # arrays on a GPU themselves, as test_gpu.py does: on a machine with a GPU,
 # jax would otherwise run every test there.
 jax.config.update("jax_default_device", jax.devices("cpu")[0])
+
+
+def gpu_devices() -> list:
+    """jax's GPUs; none where jax has no GPU backend at all."""
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+# The host C++ compiler for the tests that build small programs ($CXX, c++ or g++).
+HOST_CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 hypothesis.settings.register_profile(
     "roipool", derandomize=True, deadline=None, max_examples=40, print_blob=True,

@@ -23,9 +23,9 @@ import pytest
 
 import jax_roipool as jrp
 from jax_roipool import _native
-from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
-                      assert_exact, dtype_id, feature_shape, random_features, random_rois,
-                      x64_for)
+from conftest import (BINS, DTYPES, HOST_CXX, LAYOUTS, SCALES, adversarial_rois,
+                      assert_bitwise, assert_exact, dtype_id, feature_shape, random_features,
+                      random_rois, x64_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,9 +47,8 @@ def cuda_include_dir() -> str | None:
     return None
 
 
-CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 pytestmark = pytest.mark.skipif(
-    shutil.which("nvcc") is None or CXX is None,
+    shutil.which("nvcc") is None or HOST_CXX is None,
     reason="no CUDA toolkit (nvcc) or host C++ compiler to build the CUDA kernel for the host")
 
 
@@ -60,7 +59,7 @@ def kernel(request, tmp_path_factory):
     include = cuda_include_dir()
     assert include, "nvcc is on PATH, but `nvcc --dryrun` names no include dir with cuda_fp16.h"
     library = str(tmp_path_factory.mktemp("cuda_host") / "emulate_kernel.so")
-    subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-w",
+    subprocess.run([HOST_CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-w",
                     f"-DROIPOOL_CHANNELS_PER_THREAD={request.param}",
                     "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "cuda"),
                     "-I", include, os.path.join(HERE, "cuda_host", "emulate_kernel.cc"),

@@ -5,18 +5,18 @@ after: built with the host C++ compiler and run (tests/cpu_host)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+
+from conftest import HOST_CXX
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def test_scope_keeps_denormals_and_restores_the_mode(tmp_path):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    assert cxx, "no C++ compiler: the package itself needs one to build"
+    assert HOST_CXX, "no C++ compiler: the package itself needs one to build"
     program = str(tmp_path / "exact_denormals")
-    subprocess.run([cxx, "-std=c++17", "-O2", "-I", os.path.join(ROOT, "csrc"),
+    subprocess.run([HOST_CXX, "-std=c++17", "-O2", "-I", os.path.join(ROOT, "csrc"),
                     os.path.join(HERE, "cpu_host", "exact_denormals.cc"), "-o", program],
                    check=True)
     run = subprocess.run([program], capture_output=True, text=True)

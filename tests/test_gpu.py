@@ -14,17 +14,10 @@ import jax_roipool as jrp
 from jax_roipool import _native, reference
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, all_ops_case,
                       assert_bitwise, assert_exact, assert_reference_quotient_is_exact, dtype_id,
-                      feature_shape, random_features, random_rois, x64_for)
+                      feature_shape, gpu_devices, random_features, random_rois, x64_for)
 
 
-def _gpus():
-    try:
-        return jax.devices("gpu")
-    except RuntimeError:  # no GPU backend at all
-        return []
-
-
-GPUS = _gpus()
+GPUS = gpu_devices()
 # Set by benchmarks/gpu_proof.sh: there, a GPU that jax cannot use (a broken
 # CUDA plugin, say) must fail the run rather than skip every test.
 if not GPUS and os.environ.get("JAX_ROIPOOL_REQUIRE_GPU") == "1":

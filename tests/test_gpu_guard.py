@@ -8,14 +8,10 @@ import pathlib
 import subprocess
 import sys
 
-import jax
+from conftest import gpu_devices
 
 
 def test_required_gpu_fails_instead_of_skipping():
-    try:
-        has_gpu = bool(jax.devices("gpu"))
-    except RuntimeError:
-        has_gpu = False
     tests = pathlib.Path(__file__).parent
     env = dict(os.environ, JAX_ROIPOOL_REQUIRE_GPU="1")
     # -k selects no test: only collection, where the guard runs, has work to do.
@@ -23,7 +19,7 @@ def test_required_gpu_fails_instead_of_skipping():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          "-k", "no_test_has_this_name", str(tests / "test_gpu.py")],
         cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
-    if has_gpu:
+    if gpu_devices():
         assert run.returncode == 5, run.stdout + run.stderr  # 5: no test selected
     else:
         assert run.returncode not in (0, 5), run.stdout + run.stderr
