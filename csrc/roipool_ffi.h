@@ -118,7 +118,7 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
                                   PoolCall* call) {
   if (layout != kNHWC && layout != kNCHW)
     return ffi::Error::InvalidArgument("roi_pool: unknown layout code");
-  if (bins != kFastRcnn && bins != kPartition)
+  if (bins != kFastRcnn && bins != kPartition && bins != kFastRcnnBinary16)
     return ffi::Error::InvalidArgument("roi_pool: unknown bins code");
   if (pooled_h <= 0 || pooled_w <= 0)
     return ffi::Error::InvalidArgument("roi_pool: pooled size must be > 0");

@@ -2,13 +2,15 @@
 // that both pick exactly the same cells for every bin.
 //
 // C is the coordinate type: float for float16/bfloat16/float32 rois (the
-// Python side upcasts 16-bit rois), double for float64 rois. Every formula is
+// Python side upcasts 16-bit rois; float16 ones come with kFastRcnnBinary16),
+// double for float64 rois. Every formula is
 // evaluated in C exactly as written (no reciprocal multiplication, no fused
 // operations that could move a bin edge by one cell).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define ROIPOOL_HD __host__ __device__ __forceinline__
@@ -20,7 +22,11 @@ namespace roipool {
 
 // Values of the `layout` and `bins` attributes of every FFI handler.
 enum Layout : int32_t { kNHWC = 0, kNCHW = 1 };
-enum Bins : int32_t { kFastRcnn = 0, kPartition = 1 };
+// kFastRcnnBinary16 is fast_rcnn for float16 rois: torchvision computes
+// their scaled corners, bin sizes and edges in c10::Half, whose every
+// operation is done in float and rounded to binary16; so is it here
+// (to_binary16), with the spatial scale already rounded to binary16.
+enum Bins : int32_t { kFastRcnn = 0, kPartition = 1, kFastRcnnBinary16 = 2 };
 
 // Scaled corners are clamped to +-2^28 before integer conversion: far outside
 // any feature map, yet small enough that the int32 sums below cannot overflow.
@@ -59,6 +65,30 @@ ROIPOOL_HD float floor_of(float v) { return floorf(v); }
 ROIPOOL_HD double floor_of(double v) { return floor(v); }
 ROIPOOL_HD float ceil_of(float v) { return ceilf(v); }
 ROIPOOL_HD double ceil_of(double v) { return ceil(v); }
+
+// The largest finite binary16 value.
+constexpr float kMaxBinary16 = 65504.0f;
+
+// v rounded to the nearest binary16 value, ties to even, as a float: +-inf
+// from magnitude 65520 on, as IEEE conversion overflows; NaN stays NaN.
+// Plain float and integer operations, so that host and device agree.
+ROIPOOL_HD float to_binary16(float v) {
+  float a = fabsf(v);
+  if (!(a < 65520.0f)) {
+    a *= INFINITY;  // inf, or NaN for NaN
+  } else if (a < 6.103515625e-05f) {  // below 2^-14: subnormal, steps of 2^-24
+    a = rintf(a * 16777216.0f) * 5.9604644775390625e-08f;  // exact scalings
+  } else {
+    // Keep 10 of float's 23 fraction bits, rounding the other 13 to nearest
+    // even (a carry into the exponent is the correct result).
+    uint32_t bits;
+    memcpy(&bits, &a, sizeof bits);
+    bits += 0x0FFFu + ((bits >> 13) & 1u);
+    bits &= ~0x1FFFu;
+    memcpy(&a, &bits, sizeof a);
+  }
+  return copysignf(a, v);
+}
 
 // True for finite values; NaN and +-inf give NaN when subtracted from
 // themselves. Written without isfinite so host and device agree trivially.
@@ -121,7 +151,7 @@ ROIPOOL_HD Axis<C> make_axis(C lo, C hi, int32_t pooled, int32_t bins) {
   Axis<C> a;
   a.origin = corner_cell(lo);
   const int32_t last = corner_cell(hi);
-  if (bins == kFastRcnn) {
+  if (bins != kPartition) {
     // Caffe / torchvision: integer corners are inclusive; malformed boxes
     // become one cell wide.
     const int32_t len = last - a.origin + 1;
@@ -131,7 +161,12 @@ ROIPOOL_HD Axis<C> make_axis(C lo, C hi, int32_t pooled, int32_t bins) {
     const int32_t len = last - a.origin;
     a.length = len > 0 ? len : 0;
   }
-  a.bin_size = C(a.length) / C(pooled);
+  if (bins == kFastRcnnBinary16) {
+    a.bin_size = C(to_binary16(to_binary16(float(a.length)) /
+                               to_binary16(float(pooled))));
+  } else {
+    a.bin_size = C(a.length) / C(pooled);
+  }
   return a;
 }
 
@@ -145,10 +180,16 @@ ROIPOOL_HD RoiGrid<C> make_roi_grid(const C* roi, C spatial_scale,
                                     int32_t pooled_w, int32_t bins) {
   RoiGrid<C> g;
   const C b = roi[0];
-  const C x1 = roi[1] * spatial_scale;
-  const C y1 = roi[2] * spatial_scale;
-  const C x2 = roi[3] * spatial_scale;
-  const C y2 = roi[4] * spatial_scale;
+  C x1 = roi[1] * spatial_scale;
+  C y1 = roi[2] * spatial_scale;
+  C x2 = roi[3] * spatial_scale;
+  C y2 = roi[4] * spatial_scale;
+  if (bins == kFastRcnnBinary16) {  // c10::Half products (exact in float)
+    x1 = C(to_binary16(float(x1)));
+    y1 = C(to_binary16(float(y1)));
+    x2 = C(to_binary16(float(x2)));
+    y2 = C(to_binary16(float(y2)));
+  }
   // Batch index truncates toward zero (as a C cast); NaN fails the range
   // test. The bound N is compared as an integer: C(N) may round (float32
   // above 2^24), the truncated index cannot.
@@ -179,6 +220,16 @@ ROIPOOL_HD Span bin_span(const Axis<C>& a, int32_t i, int32_t pooled,
     // Bins overlap: [floor(i * bin), ceil((i + 1) * bin)) from the origin.
     begin = static_cast<int32_t>(floor_of(C(i) * a.bin_size));
     end = static_cast<int32_t>(ceil_of(C(i + 1) * a.bin_size));
+  } else if (bins == kFastRcnnBinary16) {
+    // The same, each operand and product rounded to binary16. Where that
+    // overflows (RoIs of 65520 cells and more, output sizes from 65520 on;
+    // torchvision's result is undefined there) the bin is empty.
+    const float bin = float(a.bin_size);
+    const float first = to_binary16(to_binary16(float(i)) * bin);
+    const float past = to_binary16(to_binary16(float(i + 1)) * bin);
+    const bool finite = past <= kMaxBinary16;  // and so is first <= past
+    begin = finite ? static_cast<int32_t>(floor_of(first)) : 0;
+    end = finite ? static_cast<int32_t>(ceil_of(past)) : 0;
   } else {
     // Non-overlapping sections [floor(i*L/P), floor((i+1)*L/P)), exact in
     // integers. When the region is shorter than the output, an empty section

@@ -82,7 +82,8 @@ def roi_pool(
       rois: either ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or
         per-image boxes ``[N, K, 4]`` rows ``(x1, y1, x2, y2)``; image
         coordinates, any floating dtype (computed in float32, or float64 for
-        float64 rois). ``R = 0`` / ``K = 0`` are valid.
+        float64 rois; with ``bins="fast_rcnn"``, float16 rois get
+        torchvision's float16 arithmetic). ``R = 0`` / ``K = 0`` are valid.
       output_size: ``PH`` (square) or ``(PH, PW)``, each in [1, 65535].
       spatial_scale: feature cells per image pixel (1/16 for a stride-16
         backbone); a static positive number.
@@ -129,8 +130,10 @@ def boxes_to_rois(boxes: Sequence[jax.typing.ArrayLike]) -> jax.Array:
     ``roi_pool(features, boxes_to_rois(boxes), ...)`` returns its
     ``[sum K_n, ...]`` output. Works under ``jit`` (the lengths are static
     shapes). The dtype is float64 if any box array is float64 (with
-    ``jax_enable_x64``), else float32: the precision roi_pool computes
-    coordinates in.
+    ``jax_enable_x64``), float16 if all are float16 (whose geometry roi_pool
+    computes in float16, as torchvision does; up to 2048 images, the image
+    indices float16 holds exactly), else float32: the precision roi_pool
+    computes coordinates in.
 
     For the same number of boxes per image, the per-image form ``[N, K, 4]``
     is the better choice: it keeps the image axis, so it can be sharded.
@@ -142,6 +145,9 @@ def boxes_to_rois(boxes: Sequence[jax.typing.ArrayLike]) -> jax.Array:
     if not checked:
         return jnp.zeros((0, 5), jnp.float32)
     dtype = jnp.result_type(*checked)
+    if dtype == jnp.float16 and len(checked) > _checks.MAX_FLOAT16_IMAGES:
+        raise ValueError(f"boxes_to_rois: {len(checked)} images of float16 boxes: float16 image "
+                         f"indices are exact up to {_checks.MAX_FLOAT16_IMAGES}; pass float32 boxes")
     return jnp.concatenate(
         [jnp.concatenate([jnp.full((b.shape[0], 1), n, dtype), b.astype(dtype)], axis=1)
          for n, b in enumerate(checked)])

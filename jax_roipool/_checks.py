@@ -12,6 +12,11 @@ import numpy as np
 
 LAYOUTS = ("NHWC", "NCHW")
 BIN_MODES = ("fast_rcnn", "partition")
+# bins="fast_rcnn" for float16 rois: the geometry in float16 arithmetic, as
+# torchvision computes it for float16 inputs (roipool::kFastRcnnBinary16),
+# with the spatial scale rounded to float16. Internal: the primitives get it
+# in place of "fast_rcnn".
+FAST_RCNN_BINARY16 = "fast_rcnn_binary16"
 VALUE_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 # argmax stores flat cell indices (n * H + h) * W + w in int32.
 MAX_CELLS = 2**31 - 1
@@ -35,6 +40,9 @@ def check_arguments(features, rois, output_size, spatial_scale, layout, bins):
     config = check_config(output_size, spatial_scale, layout, bins)
     features = check_features(features, layout)
     rois = as_rois_array(rois)
+    if bins == "fast_rcnn" and rois.dtype == np.float16:
+        config = config._replace(bins=FAST_RCNN_BINARY16,
+                                 spatial_scale=_binary16_scale(config.spatial_scale))
     if rois.ndim == 3:
         rois = check_boxes(rois, feature_dims(features.shape, layout)[0])
     else:
@@ -52,7 +60,15 @@ def check_config(output_size, spatial_scale, layout, bins) -> Config:
 
 
 def _check_output_size(output_size) -> tuple[int, int]:
-    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+    if isinstance(output_size, (tuple, list)):
+        sizes = output_size
+    elif isinstance(output_size, (np.ndarray, jax.Array)) and output_size.ndim == 1:
+        sizes = list(output_size)
+    else:
+        sizes = (output_size, output_size)
+    if any(isinstance(s, jax.core.Tracer) for s in sizes):
+        raise TypeError("roi_pool: output_size must be static (Python or numpy ints), not a "
+                        "traced value; under jax.jit, mark it static (static_argnums)")
     if len(sizes) != 2:
         raise ValueError(f"roi_pool: output_size must be an int or a pair (PH, PW), got {output_size!r}")
     pooled = []
@@ -94,6 +110,18 @@ def check_scale_precision(spatial_scale: float, coordinates) -> None:
         raise ValueError("roi_pool: spatial_scale must be finite and non-zero in float32 for "
                          f"float32 rois (between 1.4e-45 and 3.4e38), got {spatial_scale!r}; "
                          "float64 rois (with jax_enable_x64) take any finite positive scale")
+
+
+def _binary16_scale(spatial_scale: float) -> float:
+    """The scale as torchvision applies it to float16 rois: rounded to float16
+    (through float32, as c10::Half converts a double)."""
+    with np.errstate(over="ignore", under="ignore"):
+        narrow = np.float16(np.float32(spatial_scale))
+    if not (np.isfinite(narrow) and narrow > 0):
+        raise ValueError("roi_pool: spatial_scale must be finite and non-zero in float16 for "
+                         "float16 rois with bins='fast_rcnn' (between 6e-8 and 65504), got "
+                         f"{spatial_scale!r}; float32 rois take a wider range")
+    return float(narrow)
 
 
 def _as_array(x, name: str, caller: str = "roi_pool") -> jax.Array:
@@ -198,11 +226,18 @@ def check_image_count(dtype, images) -> None:
                          "(with jax_enable_x64 on: without it float64 arrays become float32)")
 
 
+# Image indices of boxes_to_rois' float16 rois are exact up to here.
+MAX_FLOAT16_IMAGES = 2048
+
+
 def check_image_boxes(boxes, name: str) -> jax.Array:
-    """[K, 4] boxes (x1, y1, x2, y2) of one image, cast to the coordinate dtype."""
+    """[K, 4] boxes (x1, y1, x2, y2) of one image, cast to the coordinate dtype
+    (float16 kept: roi_pool computes float16 rois' geometry in float16)."""
     boxes = _as_array(boxes, name, caller="boxes_to_rois")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes_to_rois: {name} must have shape [K, 4], got {boxes.shape}")
+    if boxes.dtype == np.float16:
+        return boxes
     return _cast_coordinates(boxes, name, caller="boxes_to_rois")
 
 

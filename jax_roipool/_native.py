@@ -24,7 +24,7 @@ from . import _checks, _primitives
 # checks disabled (see jax_roipool.export_safety_checks).
 FFI_TARGETS = ("roipool_forward", "roipool_gather", "roipool_scatter")
 LAYOUT_CODES = {"NHWC": 0, "NCHW": 1}  # roipool::Layout
-BIN_CODES = {"fast_rcnn": 0, "partition": 1}  # roipool::Bins
+BIN_CODES = {"fast_rcnn": 0, "partition": 1, _checks.FAST_RCNN_BINARY16: 2}  # roipool::Bins
 # Builds of the CPU pooling loops, narrowest first (roipool::Isa). The
 # kernels use the widest the CPU runs; JAX_ROIPOOL_CPU_ISA caps it.
 CPU_ISAS = ("baseline", "avx2", "avx512")
@@ -41,7 +41,8 @@ def _load(module_name: str):
         raise ImportError(
             f"jax_roipool.{module_name} was built against the XLA FFI headers of jaxlib {built} "
             f"but jaxlib {running} is running; XLA refuses handlers built with newer headers. "
-            "Rebuild against the installed jax: pip install --no-build-isolation --force-reinstall .")
+            "Rebuild it against the installed jax: from the source checkout, "
+            "pip install --no-build-isolation -e .")
     return module
 
 

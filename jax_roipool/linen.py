@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from ._api import OutputSize, roi_pool
+from ._checks import check_config
 
 __all__ = ["RoIPool"]
 
@@ -50,6 +51,11 @@ class RoIPool(nn.Module):
     spatial_scale: float = 1.0
     layout: str = "NHWC"
     bins: str = "fast_rcnn"
+
+    def __post_init__(self) -> None:
+        # Bad arguments fail where the layer is made, not at its first call.
+        check_config(self.output_size, self.spatial_scale, self.layout, self.bins)
+        super().__post_init__()
 
     def __call__(self, features: jax.typing.ArrayLike, rois: jax.typing.ArrayLike) -> jax.Array:
         """Pools ``features`` over ``rois``.

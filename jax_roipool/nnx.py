@@ -6,6 +6,7 @@ import flax.nnx as nnx
 import jax
 
 from ._api import OutputSize, roi_pool
+from ._checks import check_config
 
 __all__ = ["RoIPool"]
 
@@ -13,9 +14,11 @@ __all__ = ["RoIPool"]
 class RoIPool(nnx.Module):
     """Fast R-CNN RoI max pooling as a parameter-free ``flax.nnx`` module.
 
-    A thin wrapper around :func:`jax_roipool.roi_pool`. All attributes are
-    static Python values (the module has an empty ``nnx.state``), so it works
-    inside ``nnx.jit`` / ``nnx.grad`` models and with plain ``jax`` transforms.
+    A thin wrapper around :func:`jax_roipool.roi_pool`. The arguments are
+    checked when the module is made and kept as static Python values
+    (``output_size`` as ``(PH, PW)``, ``spatial_scale`` as a float), so the
+    module has an empty ``nnx.state`` and works inside ``nnx.jit`` /
+    ``nnx.grad`` models and with plain ``jax`` transforms.
 
     Args:
       output_size: ``PH`` (square bins) or ``(PH, PW)``.
@@ -49,8 +52,9 @@ class RoIPool(nnx.Module):
 
     def __init__(self, output_size: OutputSize, spatial_scale: float = 1.0, *,
                  layout: str = "NHWC", bins: str = "fast_rcnn") -> None:
-        self.output_size = tuple(output_size) if isinstance(output_size, list) else output_size
-        self.spatial_scale = spatial_scale
+        config = check_config(output_size, spatial_scale, layout, bins)
+        self.output_size = config.pooled
+        self.spatial_scale = config.spatial_scale
         self.layout = layout
         self.bins = bins
 

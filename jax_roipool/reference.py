@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _checks
@@ -32,6 +33,8 @@ def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
         bin_size = _rounded_quotient(length, pooled, lo.dtype)
         begin = jnp.floor(i.astype(lo.dtype) * bin_size).astype(jnp.int32)
         end = jnp.ceil((i + 1).astype(lo.dtype) * bin_size).astype(jnp.int32)
+    elif bins == _checks.FAST_RCNN_BINARY16:
+        begin, end = _binary16_edges(jnp.maximum(last - origin + 1, 1), pooled)
     else:
         length = jnp.maximum(last - origin, 0)
         begin, end = _partition_edge(i, length, pooled), _partition_edge(i + 1, length, pooled)
@@ -76,6 +79,43 @@ def _rounded_quotient(length, pooled: int, dtype):
     return rounded * lax.bitcast_convert_type(exponent, dtype)
 
 
+def _to_binary16(v):
+    """float32 v rounded to the nearest binary16 value, ties to even, as
+    float32; +-inf from magnitude 65520 on. As to_binary16 in
+    roipool_geometry.h, with bit operations rather than a float16 conversion,
+    which a backend might flush or saturate."""
+    a = jnp.abs(v)
+    subnormal = lax.round(a * 2.0**24, lax.RoundingMethod.TO_NEAREST_EVEN) * 2.0**-24
+    bits = lax.bitcast_convert_type(a, jnp.uint32)
+    bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~np.uint32(0x1FFF)
+    normal = lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.copysign(jnp.where(a < 2.0**-14, subnormal,
+                                  jnp.where(a < 65520, normal, a * np.inf)), v)
+
+
+def _binary16_edges(length, pooled: int):
+    """Unclipped [begin, end) of every bin for float16 rois: fast_rcnn's
+    formulas with each operand and product rounded to binary16, as
+    torchvision computes them; a bin whose end overflows is empty (0, 0)."""
+    with np.errstate(over="ignore"):
+        divisor = np.float32(np.float16(np.float32(pooled)))
+        indices = np.arange(pooled + 1, dtype=np.float32).astype(np.float16).astype(np.float32)
+    numerator = _to_binary16(length.astype(jnp.float32))
+    if np.isfinite(divisor):
+        finite = numerator < np.inf
+        quotient = _rounded_quotient(jnp.where(finite, numerator, 1).astype(jnp.int32),
+                                     int(divisor), jnp.float32)
+        bin_size = jnp.where(finite, _to_binary16(quotient), np.inf)
+    else:  # pooled >= 65520: a finite length over inf is 0, inf over inf NaN
+        bin_size = jnp.where(numerator < np.inf, 0.0, np.nan).astype(jnp.float32)
+    first = _to_binary16(indices[None, :-1] * bin_size)
+    past = _to_binary16(indices[None, 1:] * bin_size)
+    finite = past <= 65504
+    begin = jnp.where(finite, jnp.floor(jnp.where(finite, first, 0)), 0).astype(jnp.int32)
+    end = jnp.where(finite, jnp.ceil(jnp.where(finite, past, 0)), 0).astype(jnp.int32)
+    return begin, end
+
+
 def _partition_edge(i, length, pooled: int):
     """floor(i * length / pooled) exactly, without int32 overflow (pooled <= 65535)."""
     q, rem = length // pooled, (length % pooled).astype(jnp.uint32)
@@ -100,6 +140,8 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     scale = jnp.asarray(spatial_scale, rois.dtype)
     b = rois[:, 0]
     x1, y1, x2, y2 = (rois[:, k] * scale for k in range(1, 5))
+    if bins == _checks.FAST_RCNN_BINARY16:  # float16 products, as torchvision's
+        x1, y1, x2, y2 = (_to_binary16(v) for v in (x1, y1, x2, y2))
     # As the kernels: the bound N is compared after truncation, as an integer
     # (n itself may round in float32 above 2**24).
     in_range = (b > -1) & (b < 2.0**31)
@@ -133,7 +175,14 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
 
     empty = (~valid[:, None, None] | (y_end <= y_begin)[:, :, None]
              | (x_end <= x_begin)[:, None, :])[..., None]
-    out = jnp.where(empty, jnp.zeros((), features.dtype), best)
+    # The value is read back at the argmax cell rather than taken from `best`:
+    # JAX then differentiates it as the kernels do (the whole cotangent to
+    # that cell, where jnp.max would share it among tied cells), and it is
+    # that cell's bits (NaN payloads included).
+    r = rois.shape[0]
+    image_cell = (best_h * w + best_w).reshape(r, ph * pw, c)
+    picked = jnp.take_along_axis(images.reshape(r, h * w, c), image_cell, axis=1)
+    out = jnp.where(empty, jnp.zeros((), features.dtype), picked.reshape(best.shape))
     cell = (batch[:, None, None, None] * h + best_h) * w + best_w
     argmax = jnp.where(empty, -1, cell).astype(jnp.int32)
     if layout == "NCHW":

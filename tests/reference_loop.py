@@ -2,7 +2,9 @@
 
 Geometry is evaluated one RoI and one axis at a time with numpy *scalars* of
 the coordinate type C (np.float32 or np.float64), so every product, division,
-floor and ceil rounds exactly as IEEE arithmetic in C does. The max itself is
+floor and ceil rounds exactly as IEEE arithmetic in C does. float16 rois with
+bins="fast_rcnn" follow torchvision's float16 arithmetic instead: every
+operation in float32, its result rounded to float16 (numpy's conversion). The max itself is
 taken in float64 (exact for every supported value dtype) and vectorised over
 channels only, so large cases stay fast enough for the test suite.
 """
@@ -16,6 +18,14 @@ import numpy as np
 CORNER_LIMIT = 2**28
 LAYOUTS = ("NHWC", "NCHW")
 BINS = ("fast_rcnn", "partition")
+FLOAT16_FAST_RCNN = "fast_rcnn in float16"  # bins of float16 rois with bins="fast_rcnn"
+
+
+def half(v) -> np.float32:
+    """v rounded to float16 (from float32, as c10::Half converts), as float32;
+    overflow gives inf."""
+    with np.errstate(over="ignore"):
+        return np.float32(np.float16(np.float32(v)))
 
 
 def coordinate_type(rois_dtype) -> type:
@@ -57,6 +67,16 @@ def axis_spans(lo, hi, pooled: int, extent: int, bins: str, ctype: type) -> list
             begin = int(np.floor(ctype(i) * bin_size)) + start
             end = int(np.ceil(ctype(i + 1) * bin_size)) + start
             spans.append((begin, end))
+    elif bins == FLOAT16_FAST_RCNN:
+        length = max(last - start + 1, 1)
+        bin_size = half(half(length) / half(pooled))
+        for i in range(pooled):
+            with np.errstate(invalid="ignore"):
+                first, past = half(half(i) * bin_size), half(half(i + 1) * bin_size)
+            if not np.isfinite(past):  # float16 overflowed: an empty bin
+                spans.append((0, 0))
+                continue
+            spans.append((int(np.floor(first)) + start, int(np.ceil(past)) + start))
     elif bins == "partition":
         length = max(last - start, 0)
         for i in range(pooled):
@@ -75,8 +95,12 @@ def roi_geometry(roi, n: int, h: int, w: int, pooled: tuple[int, int], spatial_s
     """(batch, row spans, column spans) of one RoI, or None for an invalid RoI."""
     with np.errstate(all="ignore"):
         b = ctype(roi[0])
-        scale = ctype(spatial_scale)
-        x1, y1, x2, y2 = (ctype(roi[k]) * scale for k in range(1, 5))
+        if bins == FLOAT16_FAST_RCNN:
+            scale = half(spatial_scale)
+            x1, y1, x2, y2 = (half(ctype(roi[k]) * scale) for k in range(1, 5))
+        else:
+            scale = ctype(spatial_scale)
+            x1, y1, x2, y2 = (ctype(roi[k]) * scale for k in range(1, 5))
         # Valid: truncated toward zero, in [0, N) (compared as integers).
         if not (np.isfinite(b) and b > ctype(-1) and math.trunc(float(b)) < n):
             return None
@@ -100,6 +124,8 @@ def roi_pool_loop(features, rois, output_size, spatial_scale=1.0, *, layout="NHW
     rois dtype, float64 only for float64 rois).
     """
     assert layout in LAYOUTS and bins in BINS
+    if bins == "fast_rcnn" and np.asarray(rois).dtype == np.float16 and coord_dtype is None:
+        bins = FLOAT16_FAST_RCNN
     feats = to_float64(features)
     if layout == "NCHW":
         feats = feats.transpose(0, 2, 3, 1)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import jax_roipool as jrp
-from jax_roipool import _native
+from jax_roipool import _checks, _native
 from conftest import (BINS, DTYPES, HOST_CXX, LAYOUTS, SCALES, adversarial_rois,
                       assert_bitwise, assert_exact, dtype_id, feature_shape, random_features,
                       random_rois, x64_for)
@@ -120,10 +120,10 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, orde
     value = None if value is None else np.ascontiguousarray(value)
     order = None if order is None else np.ascontiguousarray(order, np.int32)
     pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
-    status = kernel.emulate_pool_kernel(OPS[op], LAYOUTS.index(layout), BINS.index(bins), DTYPE_CODES[dtype.name],
-                    n, h, w, c, len(rois), pooled[0], pooled[1], scale, pointer(features),
-                    pointer(rois), pointer(order), pointer(value), pointer(out),
-                    pointer(argmax))
+    status = kernel.emulate_pool_kernel(
+        OPS[op], LAYOUTS.index(layout), _native.BIN_CODES[bins], DTYPE_CODES[dtype.name], n, h,
+        w, c, len(rois), pooled[0], pooled[1], scale, pointer(features), pointer(rois),
+        pointer(order), pointer(value), pointer(out), pointer(argmax))
     assert status == 0
     return (out, argmax) if op == "forward" else out
 
@@ -179,6 +179,21 @@ def test_cuda_kernel_matches_cpu(kernel, dtype, layout, bins, seed):
     # 16-bit gradients come out of the kernel in float32; the CUDA lowering
     # converts them (round to nearest even, as numpy's astype).
     assert_bitwise(accumulator.astype(features.dtype), want_grad, "scatter")
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_kernel_float16_rois_geometry(kernel, layout, seed):
+    # float16 rois reach the kernels upcast, with their float16 geometry
+    # (torchvision's) as the bins mode and the scale rounded to float16.
+    _, features, rois, pooled, scale = case(seed, np.float32, layout)
+    with np.errstate(over="ignore"):
+        rois = rois.astype(np.float16)
+    want_out, want_arg = jrp.roi_pool_with_argmax(features, rois, pooled, scale, layout=layout)
+    out, arg = emulate(kernel, "forward", features, rois.astype(np.float32), None, pooled,
+                       _checks._binary16_scale(scale), layout, _checks.FAST_RCNN_BINARY16)
+    assert_bitwise(out, want_out, "forward output")
+    assert_exact(arg, np.asarray(want_arg), "forward argmax")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -103,6 +103,28 @@ def test_nnx_module_is_stateless():
         POOLED, SCALE, "NCHW", "partition")
 
 
+def test_nnx_module_keeps_array_arguments_as_static_values():
+    # A jax scalar scale (1 / jnp.float32(stride), say) must not become state,
+    # which nnx.jit would trace.
+    features, _, boxes = inputs()
+    layer = NnxRoIPool(np.array(POOLED), 1 / jnp.float32(1 / SCALE))
+    assert jax.tree_util.tree_leaves(nnx.state(layer)) == []
+    assert type(layer.spatial_scale) is float and layer.output_size == POOLED
+    out = nnx.jit(lambda m, f, b: m(f, b))(layer, features, boxes)
+    np.testing.assert_array_equal(np.asarray(out), expected(features, boxes, "NHWC", "fast_rcnn"))
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("bad", [dict(output_size=0), dict(layout="nchw"), dict(bins="x"),
+                                 dict(spatial_scale=-1.0)])
+def test_bad_arguments_fail_when_the_layer_is_made(kind, bad):
+    args = {**dict(output_size=POOLED, spatial_scale=SCALE, layout="NHWC", bins="fast_rcnn"),
+            **bad}
+    make = LinenRoIPool if kind == "linen" else NnxRoIPool
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        make(args.pop("output_size"), args.pop("spatial_scale"), **args)
+
+
 class LinenTiny(nn.Module):
     """conv (stride 2) -> RoIPool -> dense: a tiny detector head."""
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jax_roipool as jrp
 import reference_loop
-from jax_roipool import reference
+from jax_roipool import _checks, reference
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_exact,
                       assert_reference_quotient_is_exact, check_case, dtype_id, feature_shape,
                       jitted_reference, random_features, random_rois, settings, x64_for)
@@ -104,8 +104,10 @@ def test_reference_has_no_float_division(ctype):
     features = np.zeros((1, 9, 9, 2), np.float32)
     pooled = np.zeros((3, 3, 4, 2), np.float32)
     rois = np.zeros((3, 5), ctype)
+    # The float16 geometry (float16 rois) runs on float32 rois too.
+    modes = BINS + ((_checks.FAST_RCNN_BINARY16,) if ctype == np.float32 else ())
     with x64_for(ctype):
-        for bins in BINS:
+        for bins in modes:
             config = dict(pooled=(3, 4), spatial_scale=0.3, layout="NHWC", bins=bins)
             kernels = jax.jit(lambda f, r, c: (reference.forward(f, r, **config),
                                                reference.gather(f, f, r, **config),
@@ -286,12 +288,61 @@ def test_random_hypothesis(case):
 @pytest.mark.parametrize("rois_dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("bins", BINS)
 def test_rois_dtypes(rois_dtype, bins):
-    # 16-bit rois are upcast to float32; float64 rois use float64 geometry.
+    # float64 rois use float64 geometry, float16 rois float16 arithmetic
+    # (fast_rcnn), the others float32.
     rng = np.random.default_rng(7)
     features = random_features(rng, (2, 13, 19, 3), np.float32)
     rois = random_rois(rng, 2, 13, 19, 30, 0.3, dtype=rois_dtype)
     with x64_for(rois_dtype):
         check_case(features, rois, (3, 5), 0.3, bins=bins)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_float16_rois_take_float16_geometry(dtype, layout):
+    # torchvision computes float16 rois' scaled corners, bin sizes and edges
+    # in float16 (each operation rounded to it): so does bins="fast_rcnn"
+    # here, which moves some bins against the same rois upcast to float32.
+    rng = np.random.default_rng(17)
+    n, h, w = 2, 40, 47
+    features = random_features(rng, feature_shape(n, h, w, 3, layout), dtype, "ties")
+    moved = 0
+    for scale, pooled in ((0.3, (7, 7)), (1 / 16, (5, 11)), (2.5, (13, 3))):
+        with np.errstate(over="ignore"):  # huge adversarial coordinates become inf
+            rois = np.concatenate([random_rois(rng, n, h, w, 200, scale),
+                                   adversarial_rois(n, h, w, scale)]).astype(np.float16)
+        with x64_for(dtype):
+            _, arg = check_case(features, rois, pooled, scale, layout=layout)
+            _, upcast = jrp.roi_pool_with_argmax(features, rois.astype(np.float32), pooled,
+                                                 scale, layout=layout)
+        moved += int((arg != np.asarray(upcast)).any(axis=tuple(range(1, arg.ndim))).sum())
+    assert moved > 0
+
+
+def test_float16_rois_where_float16_overflows():
+    # Where torchvision's float16 arithmetic overflows (its result is then
+    # undefined): a scaled corner past 65504 makes the RoI invalid; a length
+    # or a bin end from 65520 on makes bins empty. Output sizes from 65520
+    # on give bin size 0 (empty bins), as there.
+    features = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6, 1)
+    rois = np.array([[0, -40000, -40000, 40000, 40000],  # length 80001: every bin empty
+                     [1, 30000, 0, 60000, 5],  # x * 2 overflows: invalid
+                     [1, -65472, 0, 33, 4],  # length 65506: the last of 3 bins ends at inf
+                     [0, 3, 3, 3, 3]], np.float16)  # one cell
+    out, _ = check_case(features, rois, (2, 3), 1.0)
+    assert (out[:3] == 0).all() and (out[3] == features[0, 3, 3, 0]).all()
+    # In float32 the last bin of the third RoI covers the map.
+    assert (np.asarray(jrp.roi_pool(features, rois[2:3].astype(np.float32), (2, 3)))
+            [0, :, 2] > 30).all()
+    out, _ = check_case(features, rois[1:2], (2, 3), 2.0)
+    assert (out == 0).all()
+    # 1/20000 is a float16 subnormal bin size (rounded up: the last bins,
+    # whose edges round to the region's end, are empty); 65530 bins take bin
+    # size 0.
+    out, _ = check_case(features, rois[3:], (1, 20000), 1.0)
+    assert out[0, 0, 0, 0] == features[0, 3, 3, 0] and set(np.unique(out)) == {0, 21}
+    out, arg = check_case(features, rois[3:], (1, 65530), 1.0)
+    assert (arg == -1).all()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

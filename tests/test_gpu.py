@@ -81,9 +81,11 @@ def test_random_cases_match_cpu(dtype, layout, bins):
         scale = SCALES[seed % len(SCALES)]
         kind = ("normal", "ties")[seed % 2]
         features = random_features(rng, feature_shape(n, h, w, c, layout), dtype, kind)
-        rois_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-        rois = np.concatenate([random_rois(rng, n, h, w, int(rng.integers(0, 200)), scale),
-                               adversarial_rois(n, h, w, scale)]).astype(rois_dtype)
+        # float16 rois (with float16 features): the float16 geometry.
+        rois_dtype = dtype if np.dtype(dtype) in (np.float64, np.float16) else np.float32
+        with np.errstate(over="ignore"):
+            rois = np.concatenate([random_rois(rng, n, h, w, int(rng.integers(0, 200)), scale),
+                                   adversarial_rois(n, h, w, scale)]).astype(rois_dtype)
         pooled = (int(rng.integers(1, 21)), int(rng.integers(1, 14)))
         compare_devices(features, rois, pooled, scale, layout, bins)
 
@@ -202,13 +204,15 @@ def test_reference_quotient_on_gpu_is_exact(ctype):
     assert_reference_quotient_is_exact(ctype, gpu())
 
 
+@pytest.mark.parametrize("rois_dtype", [np.float32, np.float16], ids=dtype_id)
 @pytest.mark.parametrize("bins", BINS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_reference_on_gpu_matches_cpu_kernel(layout, bins):
+def test_reference_on_gpu_matches_cpu_kernel(layout, bins, rois_dtype):
     rng = np.random.default_rng(5)
     features = random_features(rng, feature_shape(2, 40, 52, 3, layout), np.float32)
-    rois = np.concatenate([random_rois(rng, 2, 40, 52, 300, 1 / 16),
-                           adversarial_rois(2, 40, 52, 1 / 16)])
+    with np.errstate(over="ignore"):
+        rois = np.concatenate([random_rois(rng, 2, 40, 52, 300, 1 / 16),
+                               adversarial_rois(2, 40, 52, 1 / 16)]).astype(rois_dtype)
     for pooled in ((7, 7), (28, 3), (13, 5)):
         config = dict(output_size=pooled, spatial_scale=1 / 16, layout=layout, bins=bins)
         g_out, g_arg = run_on(gpu(), functools.partial(reference.roi_pool_with_argmax, **config),

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_roipool as jrp
+from jax_roipool import reference
 import reference_loop
 from conftest import (BINS, DTYPES, LAYOUTS, assert_bitwise, assert_exact, dtype_id, feature_shape,
                       random_features, random_rois, x64_for)
@@ -22,9 +23,9 @@ def problem(seed, dtype, layout, *, kind="normal", r=16, n=2, h=11, w=14, c=3, s
     return rng, features, rois
 
 
-def vjp_features(features, rois, cotangent, pooled, scale, layout, bins):
+def vjp_features(features, rois, cotangent, pooled, scale, layout, bins, roi_pool=jrp.roi_pool):
     _, pullback = jax.vjp(
-        lambda f: jrp.roi_pool(f, rois, pooled, scale, layout=layout, bins=bins), features)
+        lambda f: roi_pool(f, rois, pooled, scale, layout=layout, bins=bins), features)
     (grad,) = pullback(jnp.asarray(cotangent))
     return np.asarray(grad)
 
@@ -39,16 +40,19 @@ def expected_grad(features, rois, cotangent, pooled, scale, layout, bins):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=dtype_id)
 @pytest.mark.parametrize("kind", ["normal", "ties"])
-def test_grad_is_exact_scatter(kind, dtype, layout, bins):
+@pytest.mark.parametrize("roi_pool", [jrp.roi_pool, reference.roi_pool],
+                         ids=["primitive", "jax_reference_autodiff"])
+def test_grad_is_exact_scatter(roi_pool, kind, dtype, layout, bins):
     # Small-integer cotangents: every partial sum is exact, so any summation
-    # order must give exactly the reference.
+    # order must give exactly the reference. The pure-JAX reference,
+    # differentiated by JAX itself, must route tied maxima as the kernels do.
     with x64_for(dtype):
         rng, features, rois = problem(1, dtype, layout, kind=kind)
         pooled = (3, 4)
         out_shape = np.asarray(jrp.roi_pool(features, rois, pooled, 0.5, layout=layout,
                                             bins=bins)).shape
         cotangent = rng.integers(-3, 4, out_shape).astype(dtype)
-        grad = vjp_features(features, rois, cotangent, pooled, 0.5, layout, bins)
+        grad = vjp_features(features, rois, cotangent, pooled, 0.5, layout, bins, roi_pool)
         want, argmax = expected_grad(features, rois, cotangent, pooled, 0.5, layout, bins)
         assert grad.dtype == dtype and grad.shape == features.shape
         assert_exact(grad, want, "feature gradient")

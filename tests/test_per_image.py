@@ -13,7 +13,8 @@ import pytest
 import jax_roipool as jrp
 import jax_roipool.reference as ref
 import reference_loop
-from conftest import BINS, LAYOUTS, assert_exact, feature_shape, random_features, random_rois
+from conftest import (BINS, LAYOUTS, assert_exact, dtype_id, feature_shape, random_features,
+                      random_rois)
 from jax_roipool._primitives import gather_p, per_image_gather_p, per_image_scatter_p, scatter_p
 
 POOLED = (3, 4)
@@ -418,18 +419,27 @@ def test_boxes_to_rois_pools_like_flat_rois(layout, bins):
     assert_exact(grad, want_grad, "gradient")
 
 
-def test_boxes_to_rois_of_equal_lengths_is_the_flattened_per_image_form():
+@pytest.mark.parametrize("boxes_dtype", [np.float32, np.float16], ids=dtype_id)
+def test_boxes_to_rois_of_equal_lengths_is_the_flattened_per_image_form(boxes_dtype):
+    # float16 boxes stay float16, so both forms pool them with float16 geometry.
     features, boxes = inputs(22, "NHWC")
-    flat = jrp.roi_pool(features, jrp.boxes_to_rois(list(boxes)), POOLED, SCALE)
+    boxes = boxes.astype(boxes_dtype)
+    rois = jrp.boxes_to_rois(list(boxes))
+    assert rois.dtype == boxes_dtype
+    flat = jrp.roi_pool(features, rois, POOLED, SCALE)
     per_image = jrp.roi_pool(features, boxes, POOLED, SCALE)
     assert_exact(flat, np.asarray(per_image).reshape((N * K,) + flat.shape[1:]))
+    assert_exact(flat, loop(features, boxes)[0].reshape(flat.shape))
 
 
 def test_boxes_to_rois_dtypes_and_empty():
     assert jrp.boxes_to_rois([]).shape == (0, 5)
-    assert jrp.boxes_to_rois([np.zeros((0, 4), np.float16)]).dtype == jnp.float32
+    assert jrp.boxes_to_rois([np.zeros((0, 4), np.float16)]).dtype == jnp.float16
+    assert jrp.boxes_to_rois([np.zeros((1, 4), jnp.bfloat16)]).dtype == jnp.float32
     mixed = [np.ones((1, 4), jnp.bfloat16), np.ones((2, 4), np.float16)]
     assert jrp.boxes_to_rois(mixed).dtype == jnp.float32
+    with pytest.raises(ValueError, match="float16 image indices are exact up to 2048"):
+        jrp.boxes_to_rois([np.zeros((0, 4), np.float16)] * 2049)
     with jax.enable_x64(True):
         wide = jrp.boxes_to_rois([np.ones((1, 4), np.float32), np.full((1, 4), 0.1)])
         assert wide.dtype == jnp.float64

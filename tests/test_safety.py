@@ -194,6 +194,20 @@ def test_infinite_features(dtype, layout):
         assert np.isposinf(out.astype(np.float64)).any()
 
 
+@pytest.mark.parametrize("dtype, lowest", [(np.float32, -np.finfo(np.float32).max),
+                                           (np.float64, -1e300)], ids=["float32", "float64"])
+def test_bins_at_or_below_float32_lowest_give_their_true_max(dtype, lowest):
+    # Where torchvision (starting each max at -FLT_MAX) gives -FLT_MAX with
+    # argmax -1, the max here is the bin's own, with its first cell.
+    features = np.full((1, 4, 4, 1), lowest, dtype)
+    rois = np.array([[0, 0, 0, 3, 3]], np.float32)
+    with x64_for(dtype):
+        out, arg = check_case(features, rois, 1)
+        grad = jax.grad(lambda f: jrp.roi_pool(f, rois, 1).sum())(features)
+    assert out.reshape(()) == lowest and arg.reshape(()) == 0
+    assert np.asarray(grad).reshape(-1)[0] == 1 and np.asarray(grad).sum() == 1
+
+
 def test_invalid_roi_gradient_in_mixed_batch():
     # Valid and invalid RoIs together: the gradient is exactly the valid RoIs' scatter.
     features = features_for("NHWC")

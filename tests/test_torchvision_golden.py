@@ -4,7 +4,8 @@
 argmax and feature gradient (made by ``tests/data/make_torchvision_golden.py``
 with torchvision's CPU kernels): boxes inside, partly and wholly outside the
 map, inverted, zero-size, whole-image, and coordinates whose scaled value is
-exactly k + 0.5; float32 and float64; output sizes 1x1 to 14x14.
+exactly k + 0.5; float32, float64 and float16 (whose geometry torchvision
+computes in float16); output sizes 1x1 to 14x14.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def to_layout(x, layout):
 
 
 def test_golden_file_is_substantial():
-    assert len(CASES) >= 40
-    assert {str(case(c)["features"].dtype) for c in CASES} == {"float32", "float64"}
+    assert len(CASES) >= 60
+    assert {str(case(c)["features"].dtype) for c in CASES} == {"float32", "float64", "float16"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

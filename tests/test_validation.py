@@ -59,6 +59,11 @@ BAD_CASES = {
     "spatial_scale_overflows_float32": (dict(spatial_scale=1e39), ValueError, "spatial_scale"),
     "spatial_scale_underflows_float32": (dict(spatial_scale=1e-50), ValueError,
                                          "spatial_scale"),
+    # float16 rois are scaled in float16 (fast_rcnn, as torchvision does).
+    "spatial_scale_overflows_float16": (dict(rois=ROIS.astype(np.float16), spatial_scale=7e4),
+                                        ValueError, "non-zero in float16"),
+    "spatial_scale_underflows_float16": (dict(rois=ROIS.astype(np.float16), spatial_scale=1e-8),
+                                         ValueError, "non-zero in float16"),
 }
 
 # Both entry points of the native op and the jax reference share the checks.
@@ -98,8 +103,10 @@ def test_good_arguments_pass():
     # The baseline of every bad case is valid: each failure above is due to its override.
     for fn in FUNCTIONS.values():
         call(fn, **GOOD)
-    for output_size in (1, (1, 9), [3, 2], np.int64(4)):
-        jrp.roi_pool(FEATURES, ROIS, output_size)
+    for output_size, pooled in ((1, (1, 1)), ((1, 9), (1, 9)), ([3, 2], (3, 2)),
+                                (np.int64(4), (4, 4)), (np.array([3, 5]), (3, 5)),
+                                (jnp.array([2, 1]), (2, 1)), (np.array(6), (6, 6))):
+        assert jrp.roi_pool(FEATURES, ROIS, output_size).shape[1:3] == pooled
     jrp.roi_pool(FEATURES, ROIS, 2, np.float32(0.25))
     jrp.roi_pool(FEATURES, ROIS, 2, 3)  # an int scale is a number too
 
@@ -107,6 +114,12 @@ def test_good_arguments_pass():
 def test_traced_spatial_scale_rejected():
     with pytest.raises(TypeError, match="spatial_scale"):
         jax.jit(lambda s: jrp.roi_pool(FEATURES, ROIS, 2, s))(0.5)
+
+
+def test_traced_output_size_rejected_as_not_static():
+    for output_size in (lambda s: s, lambda s: (2, s)):
+        with pytest.raises(TypeError, match="output_size must be static"):
+            jax.jit(lambda s: jrp.roi_pool(FEATURES, ROIS, output_size(s)))(2)
 
 
 def test_float64_rois_without_x64_are_accepted():

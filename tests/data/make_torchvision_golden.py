@@ -15,10 +15,12 @@ File layout (``np.load(path)``; every case is a set of keys with the prefix
     torch_version         str scalar (0-d unicode array), e.g. "2.13.0+cu130"
     torchvision_version   str scalar
     numpy_seed            int64 scalar, seed of the generator
-    cNN_features          [N, C, H, W] float32 or float64 (NCHW; transpose
-                          with (0, 2, 3, 1) for NHWC). The case's dtype is
-                          features.dtype; rois, output, cotangent and grad
-                          have the same dtype.
+    cNN_features          [N, C, H, W] float32, float64 or float16 (NCHW;
+                          transpose with (0, 2, 3, 1) for NHWC). The case's
+                          dtype is features.dtype; rois, output, cotangent and
+                          grad have the same dtype. For float16, torchvision
+                          computes the scaled corners, bin sizes and bin edges
+                          in float16 too (with the scale rounded to float16).
     cNN_rois              [R, 5] rows (batch_index, x1, y1, x2, y2) in image
                           coordinates, same dtype as the features (torchvision
                           requires it). Batch indices are integers in [0, N);
@@ -172,9 +174,11 @@ def main() -> int:
     arrays: dict[str, np.ndarray] = {}
     index = 0
     combos = list(itertools.product(SCALES, OUTPUT_SIZES))
-    for dtype in (np.float32, np.float64):
+    # float16 last, so that the float32 and float64 cases stay as they were.
+    for dtype in (np.float32, np.float64, np.float16):
         for j, (scale, output_size) in enumerate(combos):
-            n, c, h, w = SHAPES[(j + (3 if dtype == np.float64 else 0)) % len(SHAPES)]
+            shift = {np.float32: 0, np.float64: 3, np.float16: 6}[dtype]
+            n, c, h, w = SHAPES[(j + shift) % len(SHAPES)]
             r = ROIS_PER_CASE
             if output_size == (14, 14):  # keep the file small
                 c, r = min(c, 2), 16
