@@ -62,8 +62,9 @@ def check_config(output_size, spatial_scale, layout, bins) -> Config:
 def _check_output_size(output_size) -> tuple[int, int]:
     if isinstance(output_size, (tuple, list)):
         sizes = output_size
-    elif isinstance(output_size, (np.ndarray, jax.Array)) and output_size.ndim == 1:
-        sizes = list(output_size)
+    elif (isinstance(output_size, (np.ndarray, jax.Array))
+          and not isinstance(output_size, jax.core.Tracer) and output_size.ndim == 1):
+        sizes = np.asarray(output_size).tolist()  # not by indexing: that traces under jit
     else:
         sizes = (output_size, output_size)
     if any(isinstance(s, jax.core.Tracer) for s in sizes):

@@ -321,21 +321,24 @@ def test_float16_rois_take_float16_geometry(dtype, layout):
 
 def test_float16_rois_where_float16_overflows():
     # Where torchvision's float16 arithmetic overflows (its result is then
-    # undefined): a scaled corner past 65504 makes the RoI invalid; a length
-    # or a bin end from 65520 on makes bins empty. Output sizes from 65520
-    # on give bin size 0 (empty bins), as there.
+    # undefined): a scaled corner from 65520 on makes the RoI invalid; a
+    # length or a bin end from 65520 on makes bins empty. Output sizes from
+    # 65520 on give bin size 0 (empty bins), as there.
     features = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6, 1)
     rois = np.array([[0, -40000, -40000, 40000, 40000],  # length 80001: every bin empty
-                     [1, 30000, 0, 60000, 5],  # x * 2 overflows: invalid
                      [1, -65472, 0, 33, 4],  # length 65506: the last of 3 bins ends at inf
+                     [1, 0, 0, 33024, 4],  # at scale 2, x2 overflows: invalid
                      [0, 3, 3, 3, 3]], np.float16)  # one cell
     out, _ = check_case(features, rois, (2, 3), 1.0)
-    assert (out[:3] == 0).all() and (out[3] == features[0, 3, 3, 0]).all()
-    # In float32 the last bin of the third RoI covers the map.
-    assert (np.asarray(jrp.roi_pool(features, rois[2:3].astype(np.float32), (2, 3)))
-            [0, :, 2] > 30).all()
-    out, _ = check_case(features, rois[1:2], (2, 3), 2.0)
+    assert (out[:2] == 0).all() and (out[3] == features[0, 3, 3, 0]).all()
+    out, _ = check_case(features, rois[2:3], (2, 3), 2.0)
     assert (out == 0).all()
+    # In float32 the last bin of the second RoI covers the map, and the third
+    # RoI is valid at scale 2 (as it would be, clamped to 65504, in float16).
+    assert (np.asarray(jrp.roi_pool(features, rois[1:2].astype(np.float32), (2, 3)))
+            [0, :, 2] > 30).all()
+    assert (np.asarray(jrp.roi_pool(features, rois[2:3].astype(np.float32), (2, 3), 2.0))
+            [0, :, 0] > 30).all()
     # 1/20000 is a float16 subnormal bin size (rounded up: the last bins,
     # whose edges round to the region's end, are empty); 65530 bins take bin
     # size 0.

@@ -116,6 +116,13 @@ def test_traced_spatial_scale_rejected():
         jax.jit(lambda s: jrp.roi_pool(FEATURES, ROIS, 2, s))(0.5)
 
 
+def test_concrete_array_output_size_under_jit():
+    # A jax array made outside the traced function is a constant there.
+    for output_size in (jnp.array([2, 1]), jnp.array(3)):
+        out = jax.jit(lambda f: jrp.roi_pool(f, ROIS, output_size))(FEATURES)
+        assert list(out.shape[1:3]) == np.broadcast_to(np.asarray(output_size), (2,)).tolist()
+
+
 def test_traced_output_size_rejected_as_not_static():
     for output_size in (lambda s: s, lambda s: (2, s)):
         with pytest.raises(TypeError, match="output_size must be static"):
