@@ -312,24 +312,8 @@ def _roi_pool_batch(args, dims, *, with_argmax, **config):
     return (out, argmax), (0, 0)
 
 
-def _source_alone_is_mapped(args, dims) -> bool:
-    """Whether a gather maps its source only (jacfwd, batched JVPs), with no
-    operand sharded in its type. Folding would then copy the shared features
-    once per element; _take_each pools them once instead."""
-    return dims[1] is None and dims[2] is None and not any(
-        any(_spec(x)) for x in args)
-
-
-def _take_each(source, dim, argmax, layout):
-    """Every element of a mapped source at the cells of one flat argmax."""
-    return jax.vmap(reference.take_at_argmax, (dim, None, None))(source, argmax, layout), 0
-
-
 def _gather_batch(args, dims, **config):
     source, features, rois = args
-    if _source_alone_is_mapped(args, dims):
-        _, argmax = roi_pool_p.bind(features, rois, with_argmax=True, **config)
-        return _take_each(source, dims[0], argmax, config["layout"])
     size = _batch_size(args, dims)
     fold = dims[0] is not None or dims[1] is not None
     (source, features), rois = _fold_flat([source, features], dims[:2], rois, dims[2], size,
@@ -424,11 +408,6 @@ def _per_image_batch(args, dims, *, with_argmax, **config):
 
 def _per_image_gather_batch(args, dims, **config):
     source, features, boxes = args
-    if _source_alone_is_mapped(args, dims):
-        _, local = per_image_p.bind(features, boxes, with_argmax=True, **config)
-        argmax = reference.local_to_global(local, features.shape, config["layout"])
-        out, out_dim = _take_each(source, dims[0], _merge(argmax, 0), config["layout"])
-        return _split(out, 1, *argmax.shape[:2]), out_dim
     size = _batch_size(args, dims)
     (source, features), boxes, how = _fold_per_image(
         [source, features], dims[:2], boxes, dims[2], size, config["layout"],

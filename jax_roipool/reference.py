@@ -200,17 +200,12 @@ def _cell_offsets(argmax, features_shape, layout: str):
     return ((cell // (h * w)) * c + channel) * (h * w) + cell % (h * w)
 
 
-def take_at_argmax(source, argmax, layout: str):
-    """``source`` (shaped like the features) at the cell of every element of
-    a flat ``[R, ...]`` argmax, 0 where it is -1."""
-    values = source.reshape(-1)[_cell_offsets(argmax, source.shape, layout)]
-    return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
-
-
 def gather(source, features, rois, **config):
     """``source`` (shaped like the features) at the forward's argmax cell of
     every output element, 0 for an empty bin: the forward's JVP tangent."""
-    return take_at_argmax(source, forward(features, rois, **config)[1], config["layout"])
+    argmax = forward(features, rois, **config)[1]
+    values = source.reshape(-1)[_cell_offsets(argmax, source.shape, config["layout"])]
+    return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
 
 
 def scatter(cotangent, features, rois, **config):

@@ -209,35 +209,6 @@ def test_vmap_of_jvp(layout):
         assert_exact(out_dots[b], want_dot)
 
 
-@pytest.mark.parametrize("form", ["flat", "per_image"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_vmap_of_jvp_over_tangents_alone(layout, form):
-    # jacfwd and batched JVPs map the tangent only: the shared features are
-    # pooled once, with no copy of them per tangent (nothing feature-sized
-    # times B in the jaxpr, and no int32 cell limit counting B copies).
-    features, rois = batched_inputs(12, layout)
-    features, rois = features[0], rois[0]
-    if form == "per_image":
-        rois = rois[:N * 5, 1:].reshape(N, 5, 4)
-    tangents = random_features(np.random.default_rng(13), (B,) + features.shape, np.float32)
-    each = jax.vmap(lambda t: jax.jvp(lambda x: pool(x, rois, layout)[0], (features,), (t,))[1])
-    out_dots = each(tangents)
-    _, arg = pool(features, rois, layout)
-    for b in range(B):
-        flat_arg = np.asarray(arg).reshape((-1,) + arg.shape[-3:])
-        want = np.where(flat_arg >= 0, gather(tangents[b], flat_arg, layout), 0.0)
-        assert_exact(out_dots[b], want.reshape(arg.shape))
-    copies = [v.aval.shape for e in jax.make_jaxpr(each)(tangents).jaxpr.eqns for v in e.outvars
-              if v.aval.shape[-3:] == features.shape[1:] and v.aval.size >= B * features.size]
-    assert not copies, copies
-    # A 1M-cell map and 3000 tangents: 3e9 cells if the features were copied.
-    big = jax.ShapeDtypeStruct((1, 1000, 1000, 1), np.float32)
-    boxes = jnp.zeros((1, 3, 4)) if form == "per_image" else jnp.zeros((3, 5))
-    jax.eval_shape(lambda x, t: jax.vmap(lambda tt: jax.jvp(
-        lambda y: jrp.roi_pool(y, boxes, 7), (x,), (tt,))[1])(t),
-        big, jax.ShapeDtypeStruct((3000,) + big.shape, np.float32))
-
-
 def gather(values, argmax, layout):
     """values[argmax cell, channel] per output element (argmax clipped at 0)."""
     v = reference_loop.to_float64(values)
