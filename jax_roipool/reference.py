@@ -177,8 +177,7 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
              | (x_end <= x_begin)[:, None, :])[..., None]
     # The value is read back at the argmax cell rather than taken from `best`:
     # JAX then differentiates it as the kernels do (the whole cotangent to
-    # that cell, where jnp.max would share it among tied cells), and it is
-    # that cell's bits (NaN payloads included).
+    # that cell, where jnp.max would share it among tied cells).
     r = rois.shape[0]
     image_cell = (best_h * w + best_w).reshape(r, ph * pw, c)
     picked = jnp.take_along_axis(images.reshape(r, h * w, c), image_cell, axis=1)

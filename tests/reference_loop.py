@@ -4,9 +4,11 @@ Geometry is evaluated one RoI and one axis at a time with numpy *scalars* of
 the coordinate type C (np.float32 or np.float64), so every product, division,
 floor and ceil rounds exactly as IEEE arithmetic in C does. float16 rois with
 bins="fast_rcnn" follow torchvision's float16 arithmetic instead: every
-operation in float32, its result rounded to float16 (numpy's conversion). The max itself is
-taken in float64 (exact for every supported value dtype) and vectorised over
-channels only, so large cases stay fast enough for the test suite.
+operation in float32, its result rounded to float16 (numpy's conversion).
+
+The max itself is taken in float64 (exact for every supported value dtype)
+and vectorised over channels only, so large cases stay fast enough for the
+test suite.
 """
 
 from __future__ import annotations
