@@ -145,9 +145,7 @@ def boxes_to_rois(boxes: Sequence[jax.typing.ArrayLike]) -> jax.Array:
     if not checked:
         return jnp.zeros((0, 5), jnp.float32)
     dtype = jnp.result_type(*checked)
-    if dtype == jnp.float16 and len(checked) > _checks.MAX_FLOAT16_IMAGES:
-        raise ValueError(f"boxes_to_rois: {len(checked)} images of float16 boxes: float16 image "
-                         f"indices are exact up to {_checks.MAX_FLOAT16_IMAGES}; pass float32 boxes")
+    _checks.check_image_count(dtype, len(checked), caller="boxes_to_rois")
     return jnp.concatenate(
         [jnp.concatenate([jnp.full((b.shape[0], 1), n, dtype), b.astype(dtype)], axis=1)
          for n, b in enumerate(checked)])

@@ -100,29 +100,31 @@ def _check_scale(spatial_scale) -> float:
     return scale
 
 
+def _narrowed_scale(spatial_scale: float, dtype, rois: str, wider: str) -> float:
+    """The scale as rois scaled in ``dtype`` see it (a double converted through
+    float32, as C++ and c10::Half do), which must stay finite and non-zero."""
+    with np.errstate(over="ignore", under="ignore"):
+        narrow = np.dtype(dtype).type(np.float32(spatial_scale))
+    if not (np.isfinite(narrow) and narrow > 0):
+        info = np.finfo(dtype)
+        raise ValueError(f"roi_pool: spatial_scale must be finite and non-zero in {info.dtype} "
+                         f"for {rois} (between {info.smallest_subnormal:.2g} and "
+                         f"{info.max:.5g}), got {spatial_scale!r}; {wider}")
+    return float(narrow)
+
+
 def check_scale_precision(spatial_scale: float, coordinates) -> None:
     """Rois are scaled in their coordinate dtype: for float32 ones the scale
     must stay finite and non-zero in float32 too."""
-    if np.dtype(coordinates) != np.float32:
-        return
-    with np.errstate(over="ignore", under="ignore"):
-        narrow = np.float32(spatial_scale)
-    if not (np.isfinite(narrow) and narrow > 0):
-        raise ValueError("roi_pool: spatial_scale must be finite and non-zero in float32 for "
-                         f"float32 rois (between 1.4e-45 and 3.4e38), got {spatial_scale!r}; "
-                         "float64 rois (with jax_enable_x64) take any finite positive scale")
+    if np.dtype(coordinates) == np.float32:
+        _narrowed_scale(spatial_scale, np.float32, "float32 rois",
+                        "float64 rois (with jax_enable_x64) take any finite positive scale")
 
 
 def _binary16_scale(spatial_scale: float) -> float:
-    """The scale as torchvision applies it to float16 rois: rounded to float16
-    (through float32, as c10::Half converts a double)."""
-    with np.errstate(over="ignore", under="ignore"):
-        narrow = np.float16(np.float32(spatial_scale))
-    if not (np.isfinite(narrow) and narrow > 0):
-        raise ValueError("roi_pool: spatial_scale must be finite and non-zero in float16 for "
-                         "float16 rois with bins='fast_rcnn' (between 6e-8 and 65504), got "
-                         f"{spatial_scale!r}; float32 rois take a wider range")
-    return float(narrow)
+    """The scale as torchvision applies it to float16 rois: rounded to float16."""
+    return _narrowed_scale(spatial_scale, np.float16, "float16 rois with bins='fast_rcnn'",
+                           "float32 rois take a wider range")
 
 
 def _as_array(x, name: str, caller: str = "roi_pool") -> jax.Array:
@@ -213,22 +215,25 @@ def check_boxes(boxes, batch: int, name: str = "rois") -> jax.Array:
     return boxes
 
 
-# Per-image boxes are pooled as rois whose batch column has the boxes'
-# coordinate dtype; float32 holds every integer up to 2**24 exactly.
-MAX_FLOAT32_IMAGES = 2**24
+# How rois whose image index would not be exact get a wider dtype.
+_WIDER_INDEX = {
+    np.dtype(np.float32): "float64 rois or boxes (with jax_enable_x64 on: without it float64 "
+                          "arrays become float32)",
+    np.dtype(np.float16): "float32 boxes",
+}
 
 
-def check_image_count(dtype, images) -> None:
-    """Image indices must be exact in the rois' dtype (per-image boxes, vmapped images)."""
-    if (np.dtype(dtype) == np.float32 and is_static(images)
-            and images > MAX_FLOAT32_IMAGES):
-        raise ValueError(f"roi_pool: {images} images (more than 2**24, counting vmapped copies) "
-                         "need float64 rois or boxes, whose image index is float32 otherwise "
-                         "(with jax_enable_x64 on: without it float64 arrays become float32)")
-
-
-# Image indices of boxes_to_rois' float16 rois are exact up to here.
-MAX_FLOAT16_IMAGES = 2048
+def check_image_count(dtype, images, caller: str = "roi_pool") -> None:
+    """Image indices must be exact in the rois' dtype (per-image boxes, vmapped
+    images, boxes_to_rois), which holds every integer up to 2**digits."""
+    dtype = np.dtype(dtype)
+    if dtype not in _WIDER_INDEX or not is_static(images):
+        return
+    digits = np.finfo(dtype).nmant + 1
+    if images > 2**digits:
+        raise ValueError(f"{caller}: {images} images (more than 2**{digits}, counting vmapped "
+                         f"copies) have inexact {dtype} image indices: use "
+                         f"{_WIDER_INDEX[dtype]}")
 
 
 def check_image_boxes(boxes, name: str) -> jax.Array:
