@@ -29,9 +29,10 @@ enum Layout : int32_t { kNHWC = 0, kNCHW = 1 };
 // (to_binary16), with the spatial scale already rounded to binary16.
 enum Bins : int32_t { kFastRcnn = 0, kPartition = 1, kFastRcnnBinary16 = 2 };
 
-// Scaled corners are clamped to +-2^28 before integer conversion: far outside
-// any feature map, yet small enough that the int32 sums below cannot overflow.
-constexpr int32_t kCornerLimit = 1 << 28;
+// torchvision computes the corners, the region's size and the bin edges in
+// int (int32). Where one of those steps would overflow (undefined behaviour
+// there), the RoI is invalid here, like a NaN one. 2^31 is exact in float.
+constexpr double kInt32Bound = 2147483648.0;
 
 // Half-open range of cells [begin, end) along one axis, already clipped to
 // the feature map.
@@ -50,8 +51,9 @@ struct Axis {
   C bin_size;
 };
 
-// A decoded RoI. When `valid` is false (batch index outside [0, N), or a
-// non-finite scaled coordinate) every bin is empty: output 0, argmax -1.
+// A decoded RoI. When `valid` is false (batch index outside [0, N), a
+// non-finite scaled coordinate, or an int32 overflow of the geometry) every
+// bin is empty: output 0, argmax -1.
 template <typename C>
 struct RoiGrid {
   bool valid;
@@ -89,13 +91,6 @@ ROIPOOL_HD float to_binary16(float v) {
     memcpy(&a, &bits, sizeof a);
   }
   return copysignf(a, v);
-}
-
-// True for finite values; NaN and +-inf give NaN when subtracted from
-// themselves. Written without isfinite so host and device agree trivially.
-template <typename C>
-ROIPOOL_HD bool is_finite(C v) {
-  return v - v == C(0);
 }
 
 // True when `candidate` replaces the running maximum `best`: strictly
@@ -137,42 +132,44 @@ ROIPOOL_HD int64_t roi_in_order(const int32_t* order, int64_t slot,
   return r >= 0 && r < rois ? r : -1;
 }
 
-// Scaled corner -> integer cell coordinate, rounding half away from zero
-// (C `round`), clamped so that the conversion is always defined.
+// Scaled corner -> integer cell, rounding half away from zero (C `round`).
+// False where the cell is outside int32, NaN and +-inf included.
 template <typename C>
-ROIPOOL_HD int32_t corner_cell(C scaled) {
-  const C limit = C(kCornerLimit);
-  C r = round_half_away(scaled);
-  r = r < -limit ? -limit : (r > limit ? limit : r);
-  return static_cast<int32_t>(r);
+ROIPOOL_HD bool corner_cell(C scaled, int32_t* cell) {
+  const C r = round_half_away(scaled);
+  if (!(r >= C(-kInt32Bound) && r < C(kInt32Bound))) return false;
+  *cell = static_cast<int32_t>(r);
+  return true;
 }
 
+// One axis of one RoI; false where a step of torchvision's int arithmetic
+// overflows (for partition, which has no torchvision counterpart, the same
+// rule on its own steps).
 template <typename C>
-ROIPOOL_HD Axis<C> make_axis(C lo, C hi, int32_t pooled, int32_t bins) {
-  Axis<C> a;
-  a.origin = corner_cell(lo);
-  const int32_t last = corner_cell(hi);
-  if (bins != kPartition) {
-    // Caffe / torchvision: integer corners are inclusive; malformed boxes
-    // become one cell wide.
-    const int32_t len = last - a.origin + 1;
-    a.length = len > 1 ? len : 1;
-  } else {
-    // Seed article: corners are pixel corners, the end is exclusive.
-    const int32_t len = last - a.origin;
-    a.length = len > 0 ? len : 0;
-  }
+ROIPOOL_HD bool make_axis(C lo, C hi, int32_t pooled, int32_t bins, Axis<C>* a) {
+  int32_t last;
+  if (!corner_cell(lo, &a->origin) || !corner_cell(hi, &last)) return false;
+  // Caffe / torchvision: integer corners are inclusive (last - origin + 1);
+  // seed article: corners are pixel corners, the end is exclusive.
+  const int64_t difference = int64_t(last) - a->origin;
+  const int64_t size = bins == kPartition ? difference : difference + 1;
+  if (difference < INT32_MIN || size > INT32_MAX) return false;
+  // Malformed boxes become one cell wide (fast_rcnn) or empty (partition).
+  const int32_t least = bins == kPartition ? 0 : 1;
+  a->length = size > least ? int32_t(size) : least;
   if (bins == kFastRcnnBinary16) {
-    a.bin_size = C(to_binary16(to_binary16(float(a.length)) /
-                               to_binary16(float(pooled))));
-  } else {
-    a.bin_size = C(a.length) / C(pooled);
+    // Edges stay below 65520 (overflowing bins are empty): nothing to check.
+    a->bin_size = C(to_binary16(to_binary16(float(a->length)) /
+                                to_binary16(float(pooled))));
+    return true;
   }
-  return a;
+  a->bin_size = C(a->length) / C(pooled);
+  if (bins == kPartition) return true;  // edges lie within [origin, last]
+  // Float rounding is monotonic, so the last bin's end is the largest edge:
+  // it, and it plus the origin, must fit int32.
+  const C far = ceil_of(C(pooled) * a->bin_size);
+  return far < C(kInt32Bound) && int64_t(far) + a->origin <= INT32_MAX;
 }
-
-// Above every valid batch index (N * H * W fits int32) and exact in float32.
-constexpr double kMaxBatchIndex = 2147483648.0;  // 2^31
 
 // Decodes one row (batch_index, x1, y1, x2, y2) of the rois array.
 template <typename C>
@@ -192,19 +189,18 @@ ROIPOOL_HD RoiGrid<C> make_roi_grid(const C* roi, C spatial_scale,
     y2 = C(to_binary16(float(y2)));
   }
   // Batch index truncates toward zero (as a C cast); NaN fails the range
-  // test. The bound N is compared as an integer: C(N) may round (float32
-  // above 2^24), the truncated index cannot.
-  const bool in_range = b > C(-1) && b < C(kMaxBatchIndex);
+  // test, and so does 2^31, above every valid index (N * H * W fits int32).
+  // The bound N is compared as an integer: C(N) may round (float32 above
+  // 2^24), the truncated index cannot.
+  const bool in_range = b > C(-1) && b < C(kInt32Bound);
   g.valid = batch_size > 0 && in_range && static_cast<int64_t>(b) < batch_size &&
-            is_finite(x1) && is_finite(y1) && is_finite(x2) && is_finite(y2);
+            make_axis(y1, y2, pooled_h, bins, &g.y) &&
+            make_axis(x1, x2, pooled_w, bins, &g.x);
   g.batch = g.valid ? static_cast<int64_t>(b) : 0;
   if (!g.valid) {
     g.y = Axis<C>{0, 0, C(0)};
     g.x = Axis<C>{0, 0, C(0)};
-    return g;
   }
-  g.y = make_axis(y1, y2, pooled_h, bins);
-  g.x = make_axis(x1, x2, pooled_w, bins);
   return g;
 }
 

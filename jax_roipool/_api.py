@@ -96,9 +96,10 @@ def roi_pool(
       ``[R, PH, PW, C]`` / ``[R, C, PH, PW]`` for ``[R, 5]`` rois, or
       ``[N, K, PH, PW, C]`` / ``[N, K, C, PH, PW]`` for per-image boxes, in
       the features' dtype. Empty bins and invalid RoIs (batch index outside
-      ``[0, N)``, non-finite coordinates) give 0. Differentiable in
-      ``features`` (the gradient goes to the argmax cell of each bin); the
-      gradient with respect to ``rois`` is zero.
+      ``[0, N)``, non-finite coordinates, or a geometry that overflows
+      torchvision's int32 arithmetic, e.g. corners of 1e30) give 0.
+      Differentiable in ``features`` (the gradient goes to the argmax cell of
+      each bin); the gradient with respect to ``rois`` is zero.
 
     Multiple devices: with per-image boxes, ``jit`` partitions the call the
     way the features and boxes are sharded along the image axis N (and the

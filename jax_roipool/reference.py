@@ -15,37 +15,53 @@ from jax import lax
 
 from . import _checks
 
-CORNER_LIMIT = 2**28  # as kCornerLimit in roipool_geometry.h
+INT32_MAX = 2**31 - 1
 
 
-def _corner_cell(scaled: jax.Array) -> jax.Array:
+def _corner_cell(scaled: jax.Array):
+    """(cell, fits): scaled rounded half away from zero as int32, and whether
+    it fits int32 (NaN and inf do not; their cell is 0)."""
     rounded = lax.round(scaled, lax.RoundingMethod.AWAY_FROM_ZERO)
-    return jnp.clip(rounded, -CORNER_LIMIT, CORNER_LIMIT).astype(jnp.int32)
+    fits = (rounded >= -(2.0**31)) & (rounded < 2.0**31)
+    return jnp.where(fits, rounded, 0).astype(jnp.int32), fits
 
 
 def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
-    """Clipped [begin, end) of every bin along one axis: two [R, pooled] int32 arrays."""
-    origin = _corner_cell(lo)[:, None]
-    last = _corner_cell(hi)[:, None]
+    """Clipped [begin, end) of every bin along one axis, two [R, pooled] int32
+    arrays, and [R] whether torchvision's int32 steps all fit (as make_axis)."""
+    origin, origin_fits = _corner_cell(lo)
+    last, last_fits = _corner_cell(hi)
+    # last - origin wraps in int32; it overflowed where its sign disagrees.
+    difference = last - origin
+    fits = origin_fits & last_fits & ((difference >= 0) == (last >= origin))
+    if bins != "partition":
+        fits &= difference < INT32_MAX  # the + 1
+        length = jnp.where(fits, jnp.maximum(difference + 1, 1), 1)
+    else:
+        length = jnp.where(fits, jnp.maximum(difference, 0), 0)
+    origin, length = origin[:, None], length[:, None]
     i = jnp.arange(pooled, dtype=jnp.int32)[None, :]
     if bins == "fast_rcnn":
-        length = jnp.maximum(last - origin + 1, 1)
         bin_size = _rounded_quotient(length, pooled, lo.dtype)
+        # The last bin's end is the largest edge (rounding is monotonic).
+        far = jnp.ceil(jnp.asarray(pooled, lo.dtype) * bin_size)
+        far_fits = far < 2.0**31
+        room = INT32_MAX - jnp.where(far_fits, far, 0).astype(jnp.int32)
+        fits &= (far_fits & (origin <= room))[:, 0]
         begin = jnp.floor(i.astype(lo.dtype) * bin_size).astype(jnp.int32)
         end = jnp.ceil((i + 1).astype(lo.dtype) * bin_size).astype(jnp.int32)
     elif bins == _checks.FAST_RCNN_BINARY16:
-        begin, end = _binary16_edges(jnp.maximum(last - origin + 1, 1), pooled)
+        begin, end = _binary16_edges(length, pooled)
     else:
-        length = jnp.maximum(last - origin, 0)
         begin, end = _partition_edge(i, length, pooled), _partition_edge(i + 1, length, pooled)
         end = jnp.where((length > 0) & (end <= begin), begin + 1, end)
-    return jnp.clip(begin + origin, 0, extent), jnp.clip(end + origin, 0, extent)
+    return jnp.clip(begin + origin, 0, extent), jnp.clip(end + origin, 0, extent), fits
 
 
 def _rounded_quotient(length, pooled: int, dtype):
     """dtype(length) / pooled rounded to nearest (ties to even) in float
-    `dtype`, as the kernels divide, for 1 <= length <= 2**29 + 1 (the longest
-    region between clamped corners) and 1 <= pooled <= 65535.
+    `dtype`, as the kernels divide, for 1 <= length <= 2**31 - 1 and
+    1 <= pooled <= 65535.
 
     Computed without float division, whose rounding is not the same on every
     backend: XLA on GPU divides float32 within 2 ulp (div.full), XLA on CPU
@@ -60,7 +76,11 @@ def _rounded_quotient(length, pooled: int, dtype):
     # length * 2**shift // pooled keeps at least digits + 2 bits: the bit that
     # decides the rounding and one below it, into which a non-zero remainder
     # is folded, so that converting the integer rounds as the exact quotient.
-    length = length.astype(dtype).astype(jnp.int32)  # the kernels divide dtype(length)
+    # The kernels divide dtype(length), which may round up to 2**31 in
+    # float32: halve that (exactly) into int32's range, and double the result.
+    length = length.astype(dtype)
+    halved = length >= 2.0**31
+    length = jnp.where(halved, length * 0.5, length).astype(jnp.int32)
     most = digits + 1 + pooled.bit_length()  # the shift for length 1
     shift = jnp.maximum(most + 1 - (32 - lax.clz(length)), 0)
 
@@ -75,7 +95,8 @@ def _rounded_quotient(length, pooled: int, dtype):
     quotient, remainder = lax.fori_loop(
         0, most, next_bit, ((length // pooled).astype(itype), (length % pooled).astype(itype)))
     rounded = (quotient | (remainder != 0).astype(itype)).astype(dtype)
-    exponent = (info.maxexp - 1 - shift).astype(itype) << info.nmant  # 2**-shift, exactly
+    power = halved.astype(itype) - shift  # the result is rounded * 2**power, exactly
+    exponent = (info.maxexp - 1 + power).astype(itype) << info.nmant
     return rounded * lax.bitcast_convert_type(exponent, dtype)
 
 
@@ -146,12 +167,10 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     # (n itself may round in float32 above 2**24).
     in_range = (b > -1) & (b < 2.0**31)
     batch = jnp.where(in_range, b, 0).astype(jnp.int32)
-    valid = in_range & (batch < n)
-    for v in (x1, y1, x2, y2):
-        valid &= jnp.isfinite(v)
+    y_begin, y_end, y_fits = _axis_spans(y1, y2, ph, h, bins)
+    x_begin, x_end, x_fits = _axis_spans(x1, x2, pw, w, bins)
+    valid = in_range & (batch < n) & y_fits & x_fits
     batch = jnp.where(valid, batch, 0)
-    y_begin, y_end = _axis_spans(y1, y2, ph, h, bins)
-    x_begin, x_end = _axis_spans(x1, x2, pw, w, bins)
 
     rows = jnp.arange(h)[None, None, :]
     cols = jnp.arange(w)[None, None, :]

@@ -271,14 +271,16 @@ def all_ops_case(rng, dtype, layout, bins, n, h, w, c, r, pooled, spatial_scale)
 def assert_reference_quotient_is_exact(ctype, device):
     """The jax reference's bin size (length / pooled, without float division)
     on `device` equals IEEE division, as the kernels': small lengths
-    exhaustively, large ones at random and at the extremes (up to 2^29 + 1,
-    above float32's 2^24 integers), pooled sizes up to 65535."""
+    exhaustively, large ones at random and at the extremes (up to 2^31 - 1,
+    above float32's 2^24 integers, and from 2^31 - 64 on, where float32
+    rounds the length to 2^31), pooled sizes up to 65535."""
     from jax_roipool import reference
 
     rng = np.random.default_rng(11)
-    lengths = np.concatenate([np.arange(1, 300), rng.integers(1, 2**29 + 2, 500),
-                              rng.integers(2**23, 2**25, 300),
-                              [2**24 - 1, 2**24 + 1, 2**24 + 3, 2**29, 2**29 + 1]])
+    lengths = np.concatenate([np.arange(1, 300), rng.integers(1, 2**31, 500),
+                              rng.integers(2**23, 2**25, 300), rng.integers(2**31 - 200, 2**31, 40),
+                              [2**24 - 1, 2**24 + 1, 2**24 + 3, 2**29, 2**29 + 1,
+                               2**31 - 65, 2**31 - 64, 2**31 - 1]])
     lengths = lengths.astype(np.int32)
     pooled_sizes = [*range(1, 24), 255, 256, 4097, 32768, 65534, 65535,
                     *(int(p) for p in rng.integers(1, 65536, 6))]

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-CORNER_LIMIT = 2**28
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 LAYOUTS = ("NHWC", "NCHW")
 BINS = ("fast_rcnn", "partition")
 FLOAT16_FAST_RCNN = "fast_rcnn in float16"  # bins of float16 rois with bins="fast_rcnn"
@@ -44,9 +44,20 @@ def round_half_away(v: float) -> float:
     return float(whole)
 
 
+class Int32Overflow(ArithmeticError):
+    """A step of the geometry left int32, where torchvision computes it: the
+    RoI is invalid."""
+
+
+def int32(v: int) -> int:
+    """v, an exact Python int, where it fits int32."""
+    if not INT32_MIN <= v <= INT32_MAX:
+        raise Int32Overflow(v)
+    return v
+
+
 def corner_cell(scaled) -> int:
-    r = round_half_away(float(scaled))
-    return int(min(max(r, -CORNER_LIMIT), CORNER_LIMIT))
+    return int32(int(round_half_away(float(scaled))))
 
 
 def _pair(output_size) -> tuple[int, int]:
@@ -58,19 +69,21 @@ def _pair(output_size) -> tuple[int, int]:
 def axis_spans(lo, hi, pooled: int, extent: int, bins: str, ctype: type) -> list[tuple[int, int]]:
     """Clipped half-open [begin, end) of each bin along one axis of one RoI.
 
-    ``lo`` and ``hi`` are already scaled ``ctype`` scalars.
+    ``lo`` and ``hi`` are already scaled ``ctype`` scalars. Every integer
+    step that torchvision computes in int is checked against int32: one that
+    leaves it raises Int32Overflow.
     """
     start, last = corner_cell(lo), corner_cell(hi)
     spans = []
     if bins == "fast_rcnn":
-        length = max(last - start + 1, 1)
+        length = max(int32(int32(last - start) + 1), 1)
         bin_size = ctype(length) / ctype(pooled)
         for i in range(pooled):
-            begin = int(np.floor(ctype(i) * bin_size)) + start
-            end = int(np.ceil(ctype(i + 1) * bin_size)) + start
+            begin = int32(int32(int(np.floor(ctype(i) * bin_size))) + start)
+            end = int32(int32(int(np.ceil(ctype(i + 1) * bin_size))) + start)
             spans.append((begin, end))
     elif bins == FLOAT16_FAST_RCNN:
-        length = max(last - start + 1, 1)
+        length = max(int32(int32(last - start) + 1), 1)
         bin_size = half(half(length) / half(pooled))
         for i in range(pooled):
             with np.errstate(invalid="ignore"):
@@ -80,7 +93,7 @@ def axis_spans(lo, hi, pooled: int, extent: int, bins: str, ctype: type) -> list
                 continue
             spans.append((int(np.floor(first)) + start, int(np.ceil(past)) + start))
     elif bins == "partition":
-        length = max(last - start, 0)
+        length = max(int32(last - start), 0)
         for i in range(pooled):
             begin = start + (i * length) // pooled
             end = start + ((i + 1) * length) // pooled
@@ -108,8 +121,11 @@ def roi_geometry(roi, n: int, h: int, w: int, pooled: tuple[int, int], spatial_s
             return None
         if not all(np.isfinite(v) for v in (x1, y1, x2, y2)):
             return None
-        rows = axis_spans(y1, y2, pooled[0], h, bins, ctype)
-        cols = axis_spans(x1, x2, pooled[1], w, bins, ctype)
+        try:
+            rows = axis_spans(y1, y2, pooled[0], h, bins, ctype)
+            cols = axis_spans(x1, x2, pooled[1], w, bins, ctype)
+        except Int32Overflow:
+            return None
     return int(math.trunc(float(b))), rows, cols
 
 

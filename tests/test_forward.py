@@ -74,10 +74,16 @@ def test_reference_loop_fast_rcnn_by_hand():
 
 @pytest.mark.parametrize("value, expected", [
     (0.5, 1), (-0.5, -1), (1.5, 2), (2.5, 3), (-2.5, -3), (0.49999997, 0), (2.4999998, 2),
-    (-0.49999997, 0), (7.0, 7), (1e30, 2**28), (-1e30, -2**28),
+    (-0.49999997, 0), (7.0, 7), (-(2.0**31), -(2**31)), (2.0**31 - 128, 2**31 - 128),
 ])
 def test_reference_loop_corner_rounding(value, expected):
     assert reference_loop.corner_cell(np.float32(value)) == expected
+
+
+@pytest.mark.parametrize("value", [2.0**31, -(2.0**31) - 256, 1e30, -1e30])
+def test_reference_loop_corner_overflow(value):
+    with pytest.raises(reference_loop.Int32Overflow):
+        reference_loop.corner_cell(np.float32(value))
 
 
 def test_reference_loop_emulates_float32_bin_edges():
@@ -178,10 +184,21 @@ SPAN_CASES = [
      [(0, 1)] * 7 + [(1, 2)] * 7 + [(2, 3)] * 6 + [(2, 4)] + [(3, 4)] * 7),
     (0.0, 3.0, 1.0, "fast_rcnn", 28, np.float64,
      [(0, 1)] * 7 + [(1, 2)] * 7 + [(2, 3)] * 7 + [(3, 4)] * 7),
-    # Corners clamp to -2^28; the length 2^28 + 21 is 2^28 + 32 in float32, so
-    # the bin ends at cell 32 (float64 holds it exactly: cell 21).
-    (-1e30, 20.0, 1.0, "fast_rcnn", 1, np.float32, [(0, 32)]),
-    (-1e30, 20.0, 1.0, "fast_rcnn", 1, np.float64, [(0, 21)]),
+    # Far corners, in torchvision's int arithmetic: the length 2^30 + 21 is
+    # 2^30 in float32, so the bin ends at cell 0, before the map (float64
+    # holds it exactly: cell 21).
+    (-(2.0**30), 20.0, 1.0, "fast_rcnn", 1, np.float32, [None]),
+    (-(2.0**30), 20.0, 1.0, "fast_rcnn", 1, np.float64, [(0, 21)]),
+    (0.0, 2.0**31 - 128, 1.0, "fast_rcnn", 1, np.float32, [(0, 40)]),
+    # The last of 25 bins ends at cell 2^31 in float32 (int overflow: the
+    # RoI is invalid), at 2^31 - 127 in float64.
+    (0.0, 2.0**31 - 128, 1.0, "fast_rcnn", 25, np.float32, [None] * 25),
+    (0.0, 2.0**31 - 128, 1.0, "fast_rcnn", 25, np.float64, [(0, 40)] + [None] * 24),
+    (-(2.0**31), 20.0, 1.0, "fast_rcnn", 1, np.float64, [None]),  # size 2^31 + 21
+    (-(2.0**31) + 128, 20.0, 1.0, "fast_rcnn", 1, np.float64, [(0, 21)]),
+    (-(2.0**31), 20.0, 1.0, "partition", 1, np.float64, [None]),  # size 2^31 + 20
+    (-(2.0**31) + 128, 20.0, 1.0, "partition", 1, np.float64, [(0, 20)]),
+    (-(2.0**31) - 256, 2.0, 1.0, "fast_rcnn", 1, np.float32, [None]),  # corner overflows
     (0.0, 3.0, 1.0, "partition", 1, np.float32, [(0, 3)]),
     (0.5, 2.5, 1.0, "partition", 1, np.float32, [(1, 3)]),
     (2.0, 2.0, 1.0, "partition", 2, np.float32, [None, None]),  # empty region

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,42 +102,104 @@ def test_coordinate_overflowing_after_scaling(bins):
     assert_roi_invalid(features_for("NHWC"), rois, 1, layout="NHWC", bins=bins, scale=1e10)
 
 
-HUGE = [
+# Corners where torchvision's int arithmetic overflows: every one of these
+# RoIs is invalid (zeros, argmax -1).
+OVERFLOWING = [
     [0, -1e30, -1e30, 1e30, 1e30],
     [0, 1e30, 1e30, -1e30, -1e30],
     [1, -1e30, 0, 5, 1e30],
     [1, 3, 3, 1e30, 4],
+    [0, 0, 0, 1e30, 1e30],
     [0, -3e9, -3e9, 3e9, 3e9],
     [0, 2.0**31, 0, 2.0**31, 5],
-    [1, -(2.0**31), 2, -(2.0**31) + 100, 6],
+    [1, -(2.0**31), 2, 2, 6],  # corners fit int32, the size 2^31 + 3 does not
+    [0, 2e9, 0, -2e9, 5],  # inverted: last - first underflows
+    [0, 3.4e38, 3.4e38, 3.4e38, 3.4e38],
+]
+# Far corners whose arithmetic fits int32: torchvision's result is defined,
+# and the bins are its bins.
+FAR = [
+    [0, -1e9, -1e9, 1e9, 1e9],
+    [1, -1e9, 0, 5e8, 5],
+    [1, 0, 0, 4e8, 6],
     [0, 2.0**28 - 0.5, 0, 2.0**28 + 3, 7],
     [1, -(2.0**28) - 8, -1, 2.0**28 + 8, 1],
-    [0, 3.4e38, 3.4e38, 3.4e38, 3.4e38],
+    [0, -(2.0**31), 2, -(2.0**31) + 100, 6],
+    [1, 0, 0, 2.0**31 - 128, 5],
 ]
 
 
 @pytest.mark.parametrize("bins", BINS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pooled", [1, (2, 3), 7])
-def test_huge_coordinates_are_clamped(pooled, layout, bins):
-    rois = np.array(HUGE, np.float32)
-    check_case(features_for(layout), rois, pooled, layout=layout, bins=bins)
+def test_far_and_overflowing_coordinates(pooled, layout, bins):
+    rois = np.array(FAR + OVERFLOWING, np.float32)
+    out, arg = check_case(features_for(layout), rois, pooled, layout=layout, bins=bins)
+    assert np.all(np.asarray(arg)[len(FAR):] == -1)
+    assert np.all(np.asarray(out)[len(FAR):].astype(np.float64) == 0)
 
 
 @pytest.mark.parametrize("bins", BINS)
-def test_huge_float64_coordinates(bins):
+@pytest.mark.parametrize("k", range(len(OVERFLOWING)))
+def test_overflowing_coordinates_make_the_roi_invalid(k, bins):
+    rois = np.array([VALID, OVERFLOWING[k]], np.float32)
+    assert_roi_invalid(features_for("NHWC"), rois, 1, layout="NHWC", bins=bins)
+
+
+@pytest.mark.parametrize("bins", BINS)
+def test_far_float64_coordinates(bins):
     with jax.enable_x64(True):
-        rois = np.array(HUGE + [[0, -1e300, -1e300, 1e300, 1e300], [1, 1e300, 0, 2e300, 4]],
+        rois = np.array(FAR + OVERFLOWING + [[0, -1e300, -1e300, 1e300, 1e300],
+                                             [1, 1e300, 0, 2e300, 4],
+                                             [0, -(2.0**31) + 0.5, 0, 2.0**31 - 1.5, 5]],
                         np.float64)
         check_case(features_for("NHWC", np.float64), rois, (3, 2), bins=bins)
 
 
-def test_whole_plane_roi_with_huge_corners_covers_the_map():
-    # Corners clamp to +-2^28; with one bin, that bin covers the whole map.
+def frontier_axis(rng, extent):
+    """(lo, hi) of one axis near an int32 limit of the geometry: a size of
+    about 2^31 cells, a corner at about +-2^31, or a far bin edge at 2^31."""
+    near = rng.uniform(-3, extent + 3)
+    jitter = rng.uniform(-400, 400)
+    return [(-(2.0**31) + jitter, near),  # the size 2^31 + near - jitter
+            (near, 2.0**31 + jitter),  # the last corner
+            (-(2.0**30) + jitter, 2.0**30 + rng.uniform(-400, 400)),  # the size, both sides
+            (near, 2.0**31 - 128 - 700 + jitter),  # the far edge, at some output sizes
+            tuple(np.sort(rng.uniform(-3, extent + 3, 2)))][rng.integers(5)]
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("ctype", [np.float32, np.float64], ids=dtype_id)
+@pytest.mark.parametrize("pooled", [1, 2, 7, 25, (3, 255)])
+def test_int32_frontier_agrees_with_the_loop(pooled, ctype, bins):
+    """RoIs on both sides of every int32 limit: the kernels, the jax reference
+    and the loop (which checks each of torchvision's int steps) agree."""
+    rng = np.random.default_rng(zlib.crc32(f"{pooled} {ctype.__name__} {bins}".encode()))
+    features = features_for("NHWC", ctype)
+    rows = []
+    for _ in range(60):
+        (x1, x2), (y1, y2) = frontier_axis(rng, W), frontier_axis(rng, H)
+        rows.append([rng.integers(0, N), x1, y1, x2, y2])
+    rois = np.array(rows, ctype)
+    with x64_for(ctype):
+        out, arg = check_case(features, rois, pooled, bins=bins)
+    ph, pw = pooled if isinstance(pooled, tuple) else (pooled, pooled)
+    valid = [reference_loop.roi_geometry(roi, N, H, W, (ph, pw), 1.0, bins, ctype) is not None
+             for roi in rois]
+    # Both sides of the limits are reached: invalid RoIs, and valid ones on the map.
+    assert 5 <= sum(valid) <= 55, sum(valid)
+    assert (np.asarray(arg).reshape(len(rois), -1) >= 0).any(axis=1).sum() >= 5
+
+
+def test_far_corners_pool_as_torchvision():
+    # Columns -1e9 .. 5e8 of 7 bins of 214285714.4 cells: the map lies in bin
+    # 4, [-142857143, 71428572), as in torchvision (its int arithmetic fits).
     features = features_for("NHWC")
-    rois = np.array([[1, -1e30, -1e30, 1e30, 1e30]], np.float32)
-    out, _ = check_case(features, rois, 1)
-    assert np.array_equal(out[0, 0, 0], features[1].max(axis=(0, 1)))
+    rois = np.array([[1, -1e9, 0, 5e8, 1e8]], np.float32)
+    out, _ = check_case(features, rois, 7)
+    want = np.zeros(out.shape[1:], np.float64)
+    want[0, 4] = features[1].max(axis=(0, 1))
+    assert_exact(out[0], want)
 
 
 def nan_cells(features_nhwc, rois, pooled, bins):

@@ -4,8 +4,9 @@
 argmax and feature gradient (made by ``tests/data/make_torchvision_golden.py``
 with torchvision's CPU kernels): boxes inside, partly and wholly outside the
 map, inverted, zero-size, whole-image, and coordinates whose scaled value is
-exactly k + 0.5; float32, float64 and float16 (whose geometry torchvision
-computes in float16); output sizes 1x1 to 14x14.
+exactly k + 0.5, and corners 2^28 to 2^31 cells away (where torchvision's int
+arithmetic still fits int32); float32, float64 and float16 (whose geometry
+torchvision computes in float16); output sizes 1x1 to 14x14.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def to_layout(x, layout):
 
 
 def test_golden_file_is_substantial():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 64
     assert {str(case(c)["features"].dtype) for c in CASES} == {"float32", "float64", "float16"}
+    assert {str(case(c)["feature_kind"]) for c in CASES} == {"normal", "ties", "far"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

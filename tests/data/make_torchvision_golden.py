@@ -29,7 +29,10 @@ File layout (``np.load(path)``; every case is a set of keys with the prefix
                           completely outside it, inverted (x2 < x1 and/or
                           y2 < y1), zero-size, tiny, whole-image, far away,
                           and boxes whose coordinates * spatial_scale land
-                          exactly on k + 0.5 (in the coordinate dtype).
+                          exactly on k + 0.5 (in the coordinate dtype). The
+                          last cases ("far" kind) have scaled corners from
+                          2^28 to 2^31 cells, each RoI checked to keep every
+                          int step of torchvision's geometry within int32.
     cNN_spatial_scale     float64 scalar: 1, 0.5, 1/16 or 0.3 (torchvision
                           computes rois * scale in the features' dtype)
     cNN_output_size       int64 [2]: (PH, PW)
@@ -45,9 +48,10 @@ File layout (``np.load(path)``; every case is a set of keys with the prefix
     cNN_grad_features     [N, C, H, W]: d(sum(output * cotangent)) / d features
                           from torch autograd
     cNN_feature_kind      str scalar: "normal" (standard normal * 3, ties are
-                          very unlikely) or "ties" (integers in [-2, 2]: ties
+                          very unlikely), "ties" (integers in [-2, 2]: ties
                           are frequent; torchvision keeps the first maximum in
-                          row-major (h, then w) order inside a bin)
+                          row-major (h, then w) order inside a bin) or "far"
+                          (normal features, far corners)
 
 Mind: ``jax.config.update("jax_enable_x64", True)`` (or ``jax.enable_x64``)
 is needed to feed the float64 cases to jax without a silent downcast.
@@ -56,6 +60,7 @@ is needed to feed the float64 cases to jax without a silent downcast.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 
@@ -152,6 +157,54 @@ def make_rois(rng, n: int, h: int, w: int, scale: float, dtype, r: int) -> np.nd
     return rois
 
 
+def c_round(v) -> int:
+    """C round of a finite float: halves away from zero."""
+    whole = math.trunc(v)
+    if abs(v - whole) >= 0.5:  # v - whole is exact
+        whole += 1 if v > 0 else -1
+    return whole
+
+
+def geometry_fits_int32(roi, scale: float, output_size, dtype) -> bool:
+    """Whether torchvision's int geometry of `roi` stays within int32 (it is
+    undefined where it overflows): the rounded corners, last - first + 1, and
+    the largest bin edge before and after the first corner is added."""
+    def fits(v: int) -> bool:
+        return -(2**31) <= v < 2**31
+
+    for lo, hi, pooled in ((roi[1], roi[3], output_size[1]), (roi[2], roi[4], output_size[0])):
+        first, last = (c_round(float(dtype(v) * dtype(scale))) for v in (lo, hi))
+        if not all(fits(v) for v in (first, last, last - first, last - first + 1)):
+            return False
+        bin_size = dtype(max(last - first + 1, 1)) / dtype(pooled)
+        edge = int(np.ceil(dtype(pooled) * bin_size))  # rounding is monotonic: the largest
+        if not (fits(edge) and fits(edge + first)):
+            return False
+    return True
+
+
+def make_far_rois(rng, n: int, h: int, w: int, scale: float, output_size, dtype,
+                  r: int) -> np.ndarray:
+    """[r, 5] rois whose scaled corners reach 2^28 to 2^31 cells on one or both
+    sides of the map, on either axis, and whose geometry fits int32."""
+    def axis(extent: int) -> tuple[float, float]:
+        far = rng.uniform(2.0**28, 2.0**31, 2)
+        near = np.sort(rng.uniform(-2, extent + 2, 2))
+        return [(-far[0] / 2, far[1] / 2),  # far on both sides of the map
+                (-far[0], near[1]),  # far before the map, ending on it
+                (near[0], far[1]),  # starting on the map, far after it
+                tuple(near)][rng.integers(4)]  # an ordinary axis
+
+    rows = []
+    while len(rows) < r:
+        (x1, x2), (y1, y2) = axis(w), axis(h)
+        roi = np.array([rng.integers(0, n), x1 / scale, y1 / scale, x2 / scale, y2 / scale],
+                       np.float64).astype(dtype)
+        if geometry_fits_int32(roi, scale, output_size, dtype):
+            rows.append(roi)
+    return np.array(rows, dtype)
+
+
 def make_features(rng, shape, dtype, kind: str) -> np.ndarray:
     if kind == "ties":
         return rng.integers(-2, 3, shape).astype(dtype)
@@ -172,7 +225,24 @@ def main() -> int:
     torch.set_num_threads(1)
     rng = np.random.default_rng(SEED)
     arrays: dict[str, np.ndarray] = {}
-    index = 0
+
+    def add_case(features, rois, scale, output_size, kind):
+        ph, pw = output_size
+        cotangent = (rng.integers(-16, 17, (len(rois), features.shape[1], ph, pw)) / 8).astype(
+            features.dtype)
+        out, argmax, grad = torchvision_case(features, rois, scale, output_size, cotangent)
+        p = f"c{arrays.get('case_count', 0):02d}_"
+        arrays[p + "features"] = features
+        arrays[p + "rois"] = rois
+        arrays[p + "spatial_scale"] = np.float64(scale)
+        arrays[p + "output_size"] = np.array(output_size, np.int64)
+        arrays[p + "output"] = out
+        arrays[p + "argmax"] = argmax
+        arrays[p + "cotangent"] = cotangent
+        arrays[p + "grad_features"] = grad
+        arrays[p + "feature_kind"] = np.array(kind)
+        arrays["case_count"] = np.int64(arrays.get("case_count", 0) + 1)
+
     combos = list(itertools.product(SCALES, OUTPUT_SIZES))
     # float16 last, so that the float32 and float64 cases stay as they were.
     for dtype in (np.float32, np.float64, np.float16):
@@ -185,21 +255,16 @@ def main() -> int:
             kind = "ties" if j % 3 == 2 else "normal"
             features = make_features(rng, (n, c, h, w), dtype, kind)
             rois = make_rois(rng, n, h, w, scale, dtype, r)
-            ph, pw = output_size
-            cotangent = (rng.integers(-16, 17, (r, c, ph, pw)) / 8).astype(dtype)
-            out, argmax, grad = torchvision_case(features, rois, scale, output_size, cotangent)
-            p = f"c{index:02d}_"
-            arrays[p + "features"] = features
-            arrays[p + "rois"] = rois
-            arrays[p + "spatial_scale"] = np.float64(scale)
-            arrays[p + "output_size"] = np.array(output_size, np.int64)
-            arrays[p + "output"] = out
-            arrays[p + "argmax"] = argmax
-            arrays[p + "cotangent"] = cotangent
-            arrays[p + "grad_features"] = grad
-            arrays[p + "feature_kind"] = np.array(kind)
-            index += 1
-    arrays["case_count"] = np.int64(index)
+            add_case(features, rois, scale, output_size, kind)
+    # Last, far corners where torchvision's int arithmetic still fits int32.
+    for k, (dtype, scale, output_size) in enumerate((
+            (np.float32, 1.0, (7, 7)), (np.float32, 1.0 / 16, (3, 5)),
+            (np.float64, 1.0, (3, 5)), (np.float64, 1.0 / 16, (7, 7)))):
+        n, c, h, w = SHAPES[k]
+        features = make_features(rng, (n, c, h, w), dtype, "normal")
+        rois = make_far_rois(rng, n, h, w, scale, output_size, dtype, ROIS_PER_CASE)
+        add_case(features, rois, scale, output_size, "far")
+    index = int(arrays["case_count"])
     arrays["torch_version"] = np.array(torch.__version__)
     arrays["torchvision_version"] = np.array(torchvision.__version__)
     arrays["numpy_seed"] = np.int64(SEED)
