@@ -158,7 +158,8 @@ ROIPOOL_HD bool make_axis(C lo, C hi, int32_t pooled, int32_t bins, Axis<C>* a) 
   const int32_t least = bins == kPartition ? 0 : 1;
   a->length = size > least ? int32_t(size) : least;
   if (bins == kFastRcnnBinary16) {
-    // Edges stay below 65520 (overflowing bins are empty): nothing to check.
+    // Corners and edges stay below 65520 (bins whose end overflows binary16
+    // are empty), so neither they nor their sums can overflow int32.
     a->bin_size = C(to_binary16(to_binary16(float(a->length)) /
                                 to_binary16(float(pooled))));
     return true;

@@ -28,7 +28,8 @@ def _corner_cell(scaled: jax.Array):
 
 def _axis_spans(lo, hi, pooled: int, extent: int, bins: str):
     """Clipped [begin, end) of every bin along one axis, two [R, pooled] int32
-    arrays, and [R] whether torchvision's int32 steps all fit (as make_axis)."""
+    arrays, and [R] whether the geometry's int32 steps all fit (torchvision's
+    for fast_rcnn, the same rule for partition), as make_axis decides."""
     origin, origin_fits = _corner_cell(lo)
     last, last_fits = _corner_cell(hi)
     # last - origin wraps in int32; it overflowed where its sign disagrees.

@@ -165,7 +165,8 @@ def frontier_axis(rng, extent):
             (near, 2.0**31 + jitter),  # the last corner
             (-(2.0**30) + jitter, 2.0**30 + rng.uniform(-400, 400)),  # the size, both sides
             (near, 2.0**31 - 128 - 700 + jitter),  # the far edge, at some output sizes
-            tuple(np.sort(rng.uniform(-3, extent + 3, 2)))][rng.integers(5)]
+            (near, -(2.0**31) + jitter),  # inverted: last - first near INT32_MIN
+            tuple(np.sort(rng.uniform(-3, extent + 3, 2)))][rng.integers(6)]
 
 
 @pytest.mark.parametrize("bins", BINS)
@@ -189,6 +190,31 @@ def test_int32_frontier_agrees_with_the_loop(pooled, ctype, bins):
     # Both sides of the limits are reached: invalid RoIs, and valid ones on the map.
     assert 5 <= sum(valid) <= 55, sum(valid)
     assert (np.asarray(arg).reshape(len(rois), -1) >= 0).any(axis=1).sum() >= 5
+
+
+# RoIs one step either side of each int32 limit, reaching the map where
+# valid: (coordinate type, x corners, bins, pooled, valid). The valid
+# fast_rcnn ones are torchvision's bins.
+INT32_EDGES = [
+    (np.float64, (0, 2**31 - 2), "fast_rcnn", 1, True),  # size and far edge INT32_MAX
+    (np.float64, (0, 2**31 - 1), "fast_rcnn", 1, False),  # size 2^31: the + 1 overflows
+    (np.float64, (0, 2**31 - 2), "fast_rcnn", 13, False),  # 13 * bin rounds up to 2^31
+    (np.float64, (0, 2**31 - 2), "fast_rcnn", 7, True),
+    (np.float32, (0, -(2**31)), "fast_rcnn", 1, True),  # last - first is INT32_MIN
+    (np.float32, (5, -(2**31)), "fast_rcnn", 1, False),  # last - first below INT32_MIN
+    (np.float64, (5, -(2**31) + 2), "partition", 2, False),  # last - first wraps
+    (np.float64, (-(2**31) + 5, 5), "partition", 2, False),  # size 2^31
+    (np.float64, (-(2**31) + 6, 5), "partition", 2, True),  # size INT32_MAX
+]
+
+
+@pytest.mark.parametrize("ctype, corners, bins, pooled, valid", INT32_EDGES)
+def test_int32_limits_exactly(ctype, corners, bins, pooled, valid):
+    x1, x2 = corners
+    rois = np.array([[0, x1, 1, x2, 6]], ctype)
+    with x64_for(ctype):
+        _, arg = check_case(features_for("NHWC", ctype), rois, (1, pooled), bins=bins)
+    assert (np.asarray(arg) >= 0).any() == valid
 
 
 def test_far_corners_pool_as_torchvision():
