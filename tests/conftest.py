@@ -214,7 +214,8 @@ def assert_bitwise(got, want, what):
 
 def adversarial_rois(n, h, w, spatial_scale=1.0, dtype=np.float32):
     """Fixed hard cases: invalid batch indices, non-finite and huge coordinates,
-    corners at .5 boundaries, inverted, empty and whole-map boxes."""
+    far corners whose geometry just fits int32 (or not), corners at .5
+    boundaries, inverted, empty and whole-map boxes."""
     s = 1.0 / spatial_scale
     fin = np.finfo(np.float32).max
     rows = [
@@ -222,6 +223,9 @@ def adversarial_rois(n, h, w, spatial_scale=1.0, dtype=np.float32):
         [n - 1, -1e30, -1e30, 1e30, 1e30],
         [0, 1e30, 1e30, -1e30, -1e30],
         [0, -3e9, 2 * s, 3e9, 3 * s],
+        [n - 1, -1e9 * s, 0, 5e8 * s, h * s],
+        [0, 0, 1 * s, (2.0**31 - 300) * s, 3 * s],
+        [0, 2 * s, 0, -(2.0**31 - 200) * s, h * s],
         [0, fin, 0, fin, h * s],
         [-1, 0, 0, w * s, h * s],
         [n, 0, 0, w * s, h * s],
