@@ -31,8 +31,9 @@ File layout (``np.load(path)``; every case is a set of keys with the prefix
                           and boxes whose coordinates * spatial_scale land
                           exactly on k + 0.5 (in the coordinate dtype). The
                           last cases ("far" kind) have scaled corners from
-                          2^28 to 2^31 cells, each RoI checked to keep every
-                          int step of torchvision's geometry within int32.
+                          2^28 to 2^31 cells, each RoI checked (by
+                          tests/reference_loop.py) to keep every int step of
+                          torchvision's geometry within int32.
     cNN_spatial_scale     float64 scalar: 1, 0.5, 1/16 or 0.3 (torchvision
                           computes rois * scale in the features' dtype)
     cNN_output_size       int64 [2]: (PH, PW)
@@ -60,7 +61,6 @@ is needed to feed the float64 cases to jax without a silent downcast.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import sys
 
@@ -68,6 +68,9 @@ import numpy as np
 import torch
 import torchvision
 from torchvision.ops import roi_pool
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reference_loop  # noqa: E402  (tests/, numpy only)
 
 SEED = 20261124
 OUT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_roi_pool.npz")
@@ -157,32 +160,6 @@ def make_rois(rng, n: int, h: int, w: int, scale: float, dtype, r: int) -> np.nd
     return rois
 
 
-def c_round(v) -> int:
-    """C round of a finite float: halves away from zero."""
-    whole = math.trunc(v)
-    if abs(v - whole) >= 0.5:  # v - whole is exact
-        whole += 1 if v > 0 else -1
-    return whole
-
-
-def geometry_fits_int32(roi, scale: float, output_size, dtype) -> bool:
-    """Whether torchvision's int geometry of `roi` stays within int32 (it is
-    undefined where it overflows): the rounded corners, last - first + 1, and
-    the largest bin edge before and after the first corner is added."""
-    def fits(v: int) -> bool:
-        return -(2**31) <= v < 2**31
-
-    for lo, hi, pooled in ((roi[1], roi[3], output_size[1]), (roi[2], roi[4], output_size[0])):
-        first, last = (c_round(float(dtype(v) * dtype(scale))) for v in (lo, hi))
-        if not all(fits(v) for v in (first, last, last - first, last - first + 1)):
-            return False
-        bin_size = dtype(max(last - first + 1, 1)) / dtype(pooled)
-        edge = int(np.ceil(dtype(pooled) * bin_size))  # rounding is monotonic: the largest
-        if not (fits(edge) and fits(edge + first)):
-            return False
-    return True
-
-
 def make_far_rois(rng, n: int, h: int, w: int, scale: float, output_size, dtype,
                   r: int) -> np.ndarray:
     """[r, 5] rois whose scaled corners reach 2^28 to 2^31 cells on one or both
@@ -200,7 +177,10 @@ def make_far_rois(rng, n: int, h: int, w: int, scale: float, output_size, dtype,
         (x1, x2), (y1, y2) = axis(w), axis(h)
         roi = np.array([rng.integers(0, n), x1 / scale, y1 / scale, x2 / scale, y2 / scale],
                        np.float64).astype(dtype)
-        if geometry_fits_int32(roi, scale, output_size, dtype):
+        # The loop reference checks each of torchvision's int steps: a RoI it
+        # calls valid is one where torchvision's result is defined.
+        if reference_loop.roi_geometry(roi, n, h, w, output_size, scale, "fast_rcnn",
+                                       dtype) is not None:
             rows.append(roi)
     return np.array(rows, dtype)
 
