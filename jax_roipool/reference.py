@@ -209,32 +209,34 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     return out, argmax if with_argmax else jnp.zeros((0,), jnp.int32)
 
 
-def _cell_offsets(argmax, features_shape, layout: str):
-    """Flat offsets into a feature-shaped array of (argmax cell, channel); cell 0 where -1."""
-    _, h, w, c = _checks.feature_dims(features_shape, layout)
+def _cell_index(argmax, features_shape, layout: str):
+    """Index arrays into a feature-shaped array of each element's (argmax cell,
+    channel), cell 0 where -1. Each coordinate fits int32 (N*H*W is checked to);
+    a flat element offset would not once the features pass 2**31 elements."""
+    _, h, w, _ = _checks.feature_dims(features_shape, layout)
     cell = jnp.maximum(argmax, 0)
+    image, row, col = cell // (h * w), cell % (h * w) // w, cell % w
     if layout == "NHWC":
-        return cell * c + lax.broadcasted_iota(jnp.int32, argmax.shape, 3)
-    channel = lax.broadcasted_iota(jnp.int32, argmax.shape, 1)
-    return ((cell // (h * w)) * c + channel) * (h * w) + cell % (h * w)
+        return image, row, col, lax.broadcasted_iota(jnp.int32, argmax.shape, 3)
+    return image, lax.broadcasted_iota(jnp.int32, argmax.shape, 1), row, col
 
 
 def gather(source, features, rois, **config):
     """``source`` (shaped like the features) at the forward's argmax cell of
     every output element, 0 for an empty bin: the forward's JVP tangent."""
     argmax = forward(features, rois, **config)[1]
-    values = source.reshape(-1)[_cell_offsets(argmax, source.shape, config["layout"])]
+    values = source[_cell_index(argmax, source.shape, config["layout"])]
     return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
 
 
 def scatter(cotangent, features, rois, **config):
-    """Scatter-add of the cotangent at the forward's argmax cells (transpose of gather)."""
+    """Scatter-add of the cotangent at the forward's argmax cells (transpose of
+    gather), summed in float32 for 16-bit cotangents (as the kernels) and rounded once."""
     argmax = forward(features, rois, **config)[1]
     acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
     updates = jnp.where(argmax >= 0, cotangent, 0).astype(acc_dtype)
-    offsets = _cell_offsets(argmax, features.shape, config["layout"])
-    flat = jnp.zeros(features.size, acc_dtype).at[offsets].add(updates)
-    return flat.reshape(features.shape).astype(cotangent.dtype)
+    index = _cell_index(argmax, features.shape, config["layout"])
+    return jnp.zeros(features.shape, acc_dtype).at[index].add(updates).astype(cotangent.dtype)
 
 
 # ---------------------------------------------------------------------------
