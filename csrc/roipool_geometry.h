@@ -3,10 +3,9 @@
 //
 // C is the coordinate type: float for float16/bfloat16/float32 rois (the
 // Python side upcasts 16-bit rois; fast_rcnn's float16 ones come with
-// kFastRcnnBinary16),
-// double for float64 rois. Every formula is
-// evaluated in C exactly as written (no reciprocal multiplication, no fused
-// operations that could move a bin edge by one cell).
+// kFastRcnnBinary16), double for float64 rois. Every formula is evaluated in
+// C exactly as written (no reciprocal multiplication, no fused operations
+// that could move a bin edge by one cell).
 #pragma once
 
 #include <cmath>

@@ -134,16 +134,15 @@ def test_reference_indexes_past_int32_elements(layout):
     shape = (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
     cells = np.array([0, 5, h * w - 1, h * w + 7, n * h * w - 1, -1], np.int32)
     channel_axis = 3 if layout == "NHWC" else 1
-    argmax = np.zeros((len(cells), 1, 1, 1), np.int32)
-    argmax = np.repeat(argmax + cells[:, None, None, None], c, channel_axis)
-    got = [np.asarray(i) for i in jax.jit(reference._cell_index, static_argnums=(1, 2))(
-        argmax, shape, layout)]
+    argmax = np.repeat(cells.reshape(-1, 1, 1, 1), c, channel_axis)
+    got = jax.jit(reference._cell_index, static_argnums=(1, 2))(argmax, shape, layout)
     image, row, col = np.unravel_index(np.maximum(argmax, 0), (n, h, w))
-    channel = np.broadcast_to(np.arange(c).reshape((1,) * channel_axis + (c,)
-                                                   + (1,) * (3 - channel_axis)), argmax.shape)
+    channel = np.broadcast_to(np.moveaxis(np.arange(c).reshape(c, 1, 1, 1), 0, channel_axis),
+                              argmax.shape)
     want = (image, row, col, channel) if layout == "NHWC" else (image, channel, row, col)
-    for g, wanted, name in zip(got, want, ("first", "second", "third", "fourth")):
-        assert_exact(g, wanted, f"{name} index")
+    assert len(got) == len(want)
+    for k, (g, wanted) in enumerate(zip(got, want)):
+        assert_exact(g, wanted, f"index coordinate {k}")
     # The last element addressed lies past int32, where a flat offset wraps.
     assert np.ravel_multi_index(tuple(x.max() for x in want), shape) >= 2**31
 
