@@ -81,6 +81,29 @@ def calibrate_inner(call: Callable[[], Any], *, sync: Callable[[Any], Any] = _no
     return int(max(1, min(max_inner, round(target_s / once))))
 
 
+def measure_interleaved(calls: dict[Any, tuple], *, rounds: int, repeats: int,
+                        target_s: float = 0.02) -> dict[Any, list[float]]:
+    """calls: name -> (call, sync). Samples per name, rounds interleaved, so that
+    a noisy machine's drift affects every name alike."""
+    inner = {}
+    for name, (call, sync) in calls.items():
+        for _ in range(2):  # warm-up: compile, autotune, allocator growth
+            sync(call())
+        inner[name] = calibrate_inner(call, sync=sync, target_s=target_s)
+    samples: dict[Any, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, (call, sync) in calls.items():
+            samples[name] += measure(call, sync=sync, warmup=1, repeats=repeats,
+                                     inner=inner[name]).samples
+    return samples
+
+
+def save_report(text: str, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -147,22 +147,6 @@ def gpu_sync_jax(result):
     return jax.block_until_ready(result)
 
 
-def measure_interleaved(calls: dict[str, tuple], *, rounds: int, repeats: int,
-                        target_s: float) -> dict[str, list[float]]:
-    """calls: name -> (call, sync). Samples per name, rounds interleaved."""
-    inner = {}
-    for name, (call, sync) in calls.items():
-        for _ in range(2):  # warm-up: compile, autotune, allocator growth
-            sync(call())
-        inner[name] = _timing.calibrate_inner(call, sync=sync, target_s=target_s)
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, (call, sync) in calls.items():
-            samples[name] += _timing.measure(call, sync=sync, warmup=1, repeats=repeats,
-                                             inner=inner[name]).samples
-    return samples
-
-
 def is_oom(e: BaseException) -> bool:
     text = f"{type(e).__name__}: {e}"
     return any(w in text for w in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
@@ -258,7 +242,7 @@ def bench_workload(env: Env, wl: Workload, args, with_backward: bool = True) -> 
         for layout, b in ours.items():
             calls[f"{VARIANTS[layout]} {mode}"] = (b.call(mode), b.sync)
         calls[f"torchvision NCHW {mode}"] = (getattr(theirs, mode), theirs.sync)
-    samples = measure_interleaved(calls, rounds=args.rounds, repeats=args.repeats,
+    samples = _timing.measure_interleaved(calls, rounds=args.rounds, repeats=args.repeats,
                                   target_s=args.sample_ms / 1e3)
     result["samples_s"] = samples
     result["median_s"] = {k: float(np.median(v)) for k, v in samples.items()}

@@ -77,12 +77,7 @@ def main() -> int:
             np.testing.assert_array_equal(value, results[False][key], err_msg=key)
         calls = {(on, mode): (pools[on].call(mode), pools[on].sync)
                  for mode in MODES for on in (False, True)}
-        inner = {k: _timing.calibrate_inner(call, sync=sync) for k, (call, sync) in calls.items()}
-        samples = {k: [] for k in calls}
-        for _ in range(args.rounds):
-            for k, (call, sync) in calls.items():
-                samples[k] += _timing.measure(call, sync=sync, warmup=1, repeats=args.repeats,
-                                              inner=inner[k]).samples
+        samples = _timing.measure_interleaved(calls, rounds=args.rounds, repeats=args.repeats)
         med = {k: float(np.median(v)) for k, v in samples.items()}
         default = "/".join("roi_order" if sorts_by_default(platform, wl.feature_bytes, t)
                            else "own" for t in ("roipool_forward", "roipool_scatter"))
@@ -108,11 +103,8 @@ def main() -> int:
             f"thresholds {_native.SORT_ROIS_FROM_FEATURE_BYTES[platform]}\n\n{table}\n")
     print("\n" + text)
     if args.save:
-        path = os.path.join(HERE, "results",
-                            f"roi-order-{platform}-{args.layout.lower()}-{today}.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"wrote {path}")
+        _timing.save_report(text, os.path.join(
+            HERE, "results", f"roi-order-{platform}-{args.layout.lower()}-{today}.md"))
     return 0
 
 

@@ -127,7 +127,7 @@ for s in "${steps[@]}"; do
       "${sanitizer:-compute-sanitizer}" --tool memcheck --report-api-errors no --launch-timeout 0 \
       --error-exitcode 1 \
       python3 -m pytest -q -x tests/test_gpu.py \
-      -k "random_cases_match_cpu and float32 or gradients_match_cpu and fast_rcnn or per_image or roi_order and float32" ;;
+      -k "random_cases_match_cpu and float32 or gradients_match_cpu and fast_rcnn or per_image or batched_jvps or roi_order and float32" ;;
     suite) run_step suite 300 python3 -m pytest -q -rs $(xdist 8) --ignore=tests/test_gpu.py ;;
     # The default build again, whatever became of the wide one.
     wide) run_step wide 360 wide_build_check

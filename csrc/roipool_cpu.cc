@@ -514,15 +514,16 @@ void pool_bins_nhwc(const BinJob<T, C>& job) {
 // NHWC forward: each RoI's bins go straight to the output. The RoIs are
 // those of places [slot_begin, slot_end) of the pooling order.
 template <typename T, typename C>
-void forward_nhwc(const T* features, const C* rois, const int32_t* order,
-                  T* out, int32_t* argmax, const FeatureShape& f,
-                  const PooledShape& p, C scale, int32_t bins,
+void forward_nhwc(const T* features, const C* rois, const PoolCall& s,
+                  T* out, int32_t* argmax, C scale, int32_t bins,
                   int64_t slot_begin, int64_t slot_end) {
+  const FeatureShape& f = s.f;
+  const PooledShape& p = s.p;
   std::vector<typename Element<T>::Acc> best(f.c);
   std::vector<int32_t> best_cell(argmax ? f.c : 0);
   const int64_t roi_size = p.ph * p.pw * f.c;
   for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
-    const int64_t r = roi_in_order(order, slot, p.r);
+    const int64_t r = roi_in_order(s.order, slot, p.r);
     if (r < 0) continue;
     const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
                                           int32_t(p.ph), int32_t(p.pw), bins);
@@ -546,14 +547,15 @@ inline int64_t bins_per_chunk(const PooledShape& p, const Channels& ch) {
 // and hands every chunk to
 // consume(r, k0, k1, max, arg): bins [k0, k1) of RoI r, their maxima and
 // (when with_argmax) cells at [(k - k0) * ch.count + j] for channel
-// ch.begin + j. The kernels other than the NHWC forward are this plus what
-// they do with a chunk.
+// ch.begin + j. Cells index the images the RoIs name (s.images), whichever
+// features image they pool. The kernels other than the NHWC forward are
+// this plus what they do with a chunk.
 template <typename T, typename C, typename Consume>
-void pool_in_chunks(const T* features_nhwc, const C* rois,
-                    const int32_t* order, const FeatureShape& f,
-                    const PooledShape& p, C scale, int32_t bins,
-                    const Channels& ch, bool with_argmax, int64_t slot_begin,
-                    int64_t slot_end, Consume&& consume) {
+void pool_in_chunks(const T* features_nhwc, const C* rois, const PoolCall& s,
+                    C scale, int32_t bins, const Channels& ch, bool with_argmax,
+                    int64_t slot_begin, int64_t slot_end, Consume&& consume) {
+  const FeatureShape& f = s.f;
+  const PooledShape& p = s.p;
   const int64_t bin_plane = p.ph * p.pw;
   const int64_t chunk_bins = bins_per_chunk(p, ch);
   std::vector<typename Element<T>::Acc> best(ch.count);
@@ -562,11 +564,11 @@ void pool_in_chunks(const T* features_nhwc, const C* rois,
   std::vector<int32_t> chunk_arg(with_argmax ? chunk_bins * ch.count : 0);
   int32_t* arg = with_argmax ? chunk_arg.data() : nullptr;
   for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
-    const int64_t r = roi_in_order(order, slot, p.r);
+    const int64_t r = roi_in_order(s.order, slot, p.r);
     if (r < 0) continue;
-    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, f.n,
+    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, s.images.count(),
                                           int32_t(p.ph), int32_t(p.pw), bins);
-    const T* image = features_nhwc + g.batch * f.h * f.w * f.c;
+    const T* image = features_nhwc + s.images.features_image(g.batch) * f.h * f.w * f.c;
     for (int64_t k0 = 0; k0 < bin_plane; k0 += chunk_bins) {
       const int64_t k1 = std::min(bin_plane, k0 + chunk_bins);
       pool_bins_nhwc(BinJob<T, C>{image, g, f, p, bins, ch, k0, k1,
@@ -648,7 +650,7 @@ void transpose_copy(const U* __restrict src, int64_t src_stride,
 }
 
 // acc[arg[j] * channels + j] += cot[j] for `count` consecutive channels of
-// one bin, acc being a feature-sized NHWC accumulator offset by the first of
+// one bin, acc being a gradient-sized NHWC accumulator offset by the first of
 // them. A bin names a cell in every channel or (empty bin, invalid RoI) in
 // none.
 template <typename T>
@@ -772,8 +774,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
     const int64_t grain = grain_for(pool, p.r);
     if (layout == kNHWC) {
       parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
-        forward_nhwc(data_of<T>(features), boxes, s.order, y, idx, f, p, scale,
-                     bins, begin, end);
+        forward_nhwc(data_of<T>(features), boxes, s, y, idx, scale, bins, begin, end);
       });
       return ffi::Error::Success();
     }
@@ -783,7 +784,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer features,
     const Channels all{0, f.c};
     const int64_t bin_plane = p.ph * p.pw;
     parallel_for(pool, p.r, grain, [&](int64_t begin, int64_t end) {
-      pool_in_chunks(x, boxes, s.order, f, p, scale, bins, all, idx != nullptr,
+      pool_in_chunks(x, boxes, s, scale, bins, all, idx != nullptr,
                      begin, end, [&](int64_t r, int64_t k0, int64_t k1,
                               const T* max, const int32_t* arg) {
                        const int64_t o = pooled_offset(r, k0, 0, f.c, bin_plane, layout);
@@ -803,11 +804,11 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
                   ffi::AnyBuffer features, ffi::AnyBuffer rois,
                   ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> out,
                   int32_t pooled_h, int32_t pooled_w, double spatial_scale,
-                  int32_t layout, int32_t bins) {
+                  int32_t layout, int32_t bins, int32_t image_major) {
   PoolCall s;
   if (auto err = check_argmax_op_call(true, source, features, rois, order, out,
-                                      features.element_type(),
-                                      pooled_h, pooled_w, layout, bins, &s);
+                                      features.element_type(), pooled_h,
+                                      pooled_w, layout, bins, image_major, &s);
       err.failure())
     return err;
   if (auto err = check_order_is_permutation(s); err.failure()) return err;
@@ -828,8 +829,8 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
     const int64_t bin_plane = p.ph * p.pw;
     parallel_for(pool, p.r, grain_for(pool, p.r), [&](int64_t begin, int64_t end) {
       pool_in_chunks(
-          x, data_of<C>(rois), s.order, f, p, C(spatial_scale), bins, all, true,
-          begin, end, [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
+          x, data_of<C>(rois), s, C(spatial_scale), bins, all, true, begin, end,
+          [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
             const auto gathered = [&](int64_t k, int64_t c) {  // bin k0 + k
               const int32_t cell = arg[k * f.c + c];
               return cell < 0 ? zero : src[cell_offset(cell, c, f.c, plane, layout)];
@@ -855,13 +856,14 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
 // cotangent[o]. Without atomics and in a fixed summation order
 // (deterministic for a given thread count), by one of two splits:
 // - RoIs: each worker pools a contiguous range of the pooling order and
-//   adds into its own feature-sized accumulator; the accumulators are summed
+//   adds into its own gradient-sized accumulator; the accumulators are summed
 //   in worker order. Each RoI's cotangent streams through in order and its
 //   cells stay in cache. Needs one accumulator per worker, so it is used
 //   when they fit kPrivateBudget.
 // - channels: each worker pools all RoIs for its own block of channels, so
 //   no two workers add into the same element. One accumulator in all.
-// Accumulators are NHWC-ordered; 16-bit types accumulate in float.
+// Accumulators are NHWC-ordered; 16-bit types accumulate in float. The
+// gradient may hold copies of the features' images (SourceImages).
 
 constexpr int64_t kPrivateBudget = int64_t(128) << 20;  // bytes
 
@@ -869,11 +871,11 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
                    ffi::AnyBuffer features, ffi::AnyBuffer rois,
                    ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> grad,
                    int32_t pooled_h, int32_t pooled_w, double spatial_scale,
-                   int32_t layout, int32_t bins) {
+                   int32_t layout, int32_t bins, int32_t image_major) {
   PoolCall s;
   if (auto err = check_argmax_op_call(false, cotangent, features, rois, order, grad,
-                                      features.element_type(),
-                                      pooled_h, pooled_w, layout, bins, &s);
+                                      features.element_type(), pooled_h,
+                                      pooled_w, layout, bins, image_major, &s);
       err.failure())
     return err;
   if (auto err = check_order_is_permutation(s); err.failure()) return err;
@@ -889,7 +891,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     advise_huge_pages(out, grad->size_bytes());
     std::vector<T> storage;
     const T* x = nhwc_features(pool, data_of<T>(features), f, layout, storage);
-    const int64_t size = f.n * f.h * f.w * f.c;
+    const int64_t size = grad->element_count();
     // The pool's threads (the calling thread helps too, but more accumulators
     // than cores would only add memory traffic).
     const int64_t workers = std::max<int64_t>(pool.num_threads(), 1);
@@ -903,8 +905,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
       // One chunk of pool_in_chunks (NCHW only).
       std::vector<T> cot_buffer(layout == kNHWC ? 0 : bins_per_chunk(p, ch) * ch.count);
       pool_in_chunks(
-          x, data_of<C>(rois), s.order, f, p, C(spatial_scale), bins, ch, true,
-          slot0, slot1,
+          x, data_of<C>(rois), s, C(spatial_scale), bins, ch, true, slot0, slot1,
           [&](int64_t r, int64_t k0, int64_t k1, const T*, const int32_t* arg) {
             // The chunk's cotangent: read in place (NHWC, bins f.c apart),
             // or copied into the chunk's order (NCHW).
@@ -942,7 +943,7 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
     }
     // Row by row, the accumulators are summed into the first in worker order
     // and the sum is stored; each loop is a plain one, which vectorizes.
-    const int64_t rows = f.n * f.h, row_size = f.w * f.c;
+    const int64_t rows = s.images.count() * f.h, row_size = f.w * f.c;
     Acc* total = partial[0].data();
     parallel_for(pool, rows, grain_for(pool, rows), [&](int64_t begin, int64_t end) {
       // NCHW: a row is stored in NHWC order here, then transposed into out.

@@ -90,11 +90,13 @@ inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return true;
 }
 
-// One checked call: the logical shapes, from its features and rois, and its
-// pooling order (roi_in_order; null: the RoIs' own).
+// One checked call: the logical shapes, from its features and rois, the
+// images its RoIs may name, and its pooling order (roi_in_order; null: the
+// RoIs' own).
 struct PoolCall {
   FeatureShape f;
   PooledShape p;
+  SourceImages images;
   const int32_t* order;
 
   // Whether `dims` are the dimensions of an output-shaped buffer.
@@ -133,6 +135,7 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
     return ffi::Error::InvalidArgument(
         "roi_pool: N * H * W must fit in int32 (argmax cell indices)");
   call->p = PooledShape{rd[0], pooled_h, pooled_w, f.c};
+  call->images = SourceImages{int32_t(f.n), 1, false};
   const auto od = order.dimensions();
   if (od.size() != 1 || (od[0] != 0 && od[0] != rd[0]))
     return ffi::Error::InvalidArgument("roi_pool: order must be [R] or [0]");
@@ -170,9 +173,23 @@ inline ffi::DataType accumulator_type(ffi::DataType t) {
   return t == ffi::DataType::F16 || t == ffi::DataType::BF16 ? ffi::DataType::F32 : t;
 }
 
+// Whether `dims` are those of a feature-shaped buffer holding copies of the
+// features' images (SourceImages): the features' dims, except for a
+// multiple of their N.
+inline bool holds_copies(ffi::Span<const int64_t> dims, ffi::Span<const int64_t> features) {
+  if (dims.size() != features.size() || dims.size() == 0 || features[0] <= 0 ||
+      dims[0] <= 0 || dims[0] % features[0] != 0)
+    return false;
+  for (size_t i = 1; i < dims.size(); ++i)
+    if (dims[i] != features[i]) return false;
+  return true;
+}
+
 // check_pool_call plus the operand and result of a gather (value like
 // features, result pooled) or a scatter (value pooled, result like
 // features); the value of the features' dtype, the result of result_type.
+// "Like features" holds copies of their images, in the order image_major
+// (0 or 1) names, with N * H * W of the copies within int32.
 inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        const ffi::AnyBuffer& features,
                                        const ffi::AnyBuffer& rois,
@@ -181,21 +198,28 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        ffi::DataType result_type,
                                        int32_t pooled_h, int32_t pooled_w,
                                        int32_t layout, int32_t bins,
-                                       PoolCall* call) {
+                                       int32_t image_major, PoolCall* call) {
   if (auto err = check_pool_call(features, rois, order, pooled_h, pooled_w,
                                  layout, bins, call);
       err.failure())
     return err;
   const auto pooled = gather ? result->dimensions() : value.dimensions();
   const auto like_features = gather ? value.dimensions() : result->dimensions();
+  if (image_major != 0 && image_major != 1)
+    return ffi::Error::InvalidArgument("roi_pool: image_major must be 0 or 1");
   if (!call->is_pooled(pooled, layout) ||
-      !same_dims(like_features, features.dimensions()) ||
+      !holds_copies(like_features, features.dimensions()) ||
       value.element_type() != features.element_type() ||
       result->element_type() != result_type)
     return ffi::Error::InvalidArgument(
         gather ? "roi_pool gather: source must be like features, output pooled"
                : "roi_pool scatter: cotangent must be pooled, grad like features "
                  "(float32 for 16-bit features on CUDA)");
+  const FeatureShape& f = call->f;
+  if (like_features[0] * f.h * f.w > INT32_MAX)
+    return ffi::Error::InvalidArgument(
+        "roi_pool: N * H * W of the copies must fit in int32 (argmax cell indices)");
+  call->images = SourceImages{int32_t(f.n), int32_t(like_features[0] / f.n), image_major == 1};
   return ffi::Error::Success();
 }
 
@@ -228,7 +252,9 @@ auto bind_forward(Binding binding) {
 
 // gather: (source, features, rois, order) -> source at each bin's argmax
 // cell, output-shaped; scatter: (cotangent, features, rois, order) -> the
-// cotangent added at each bin's argmax cell, features-shaped.
+// cotangent added at each bin's argmax cell, features-shaped. The source
+// and the gradient may hold copies of the features' images (SourceImages),
+// image-major where the attribute image_major is 1.
 template <typename Binding>
 auto bind_argmax_op(Binding binding) {
   return bind_pool_attrs(std::move(binding)
@@ -236,7 +262,8 @@ auto bind_argmax_op(Binding binding) {
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::Buffer<ffi::S32>>()
-                             .template Ret<ffi::AnyBuffer>());
+                             .template Ret<ffi::AnyBuffer>())
+      .template Attr<int32_t>("image_major");
 }
 
 }  // namespace roipool

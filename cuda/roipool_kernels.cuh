@@ -96,7 +96,7 @@ struct PoolDims {
   int64_t tasks;            // rois * bins per roi * groups
   int64_t tasks_per_block;  // a multiple of the block size
   int64_t blocks;           // the grid
-  int64_t n;                // images
+  SourceImages images;      // those the RoIs name, and their features images
   int32_t h, w;             // feature map extent
   int64_t channels;         // C
   int64_t groups;           // G
@@ -106,14 +106,14 @@ struct PoolDims {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline PoolDims make_pool_dims(int64_t rois, int64_t n, int32_t h, int32_t w,
+inline PoolDims make_pool_dims(int64_t rois, SourceImages images, int32_t h, int32_t w,
                                int64_t channels, int32_t ph, int32_t pw,
                                int32_t bins, int64_t block_size = kBlockSize,
                                int64_t chunks_per_block = kChunksPerBlock,
                                int64_t max_blocks = kMaxBlocks) {
   PoolDims d;
   d.rois = rois;
-  d.n = n;
+  d.images = images;
   d.h = h;
   d.w = w;
   d.channels = channels;
@@ -170,13 +170,13 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
     const int64_t k = kLayout == kNHWC ? t / d.groups : t % bin_plane;
     const int64_t group = kLayout == kNHWC ? t % d.groups : t / bin_plane;
     const int32_t ph = int32_t(k) / d.pw, pw = int32_t(k) % d.pw;  // k < PH * PW
-    const RoiGrid<C> g =
-        make_roi_grid<C>(rois + 5 * r, scale, d.n, d.ph, d.pw, d.bins);
+    const RoiGrid<C> g = make_roi_grid<C>(rois + 5 * r, scale, d.images.count(),
+                                          d.ph, d.pw, d.bins);
     const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
     const Span sx = bin_span(g.x, pw, d.pw, d.w, d.bins);
-    // g.batch < n also rejects every batch index when n == 0.
+    // g.batch < count also rejects every batch index when there is no image.
     const bool has_cell =
-        g.valid && g.batch < d.n && !sy.empty() && !sx.empty();
+        g.valid && g.batch < d.images.count() && !sy.empty() && !sx.empty();
     // Channel j of the thread is group + j * G; slot j is spare when that is
     // C or more, which happens only when C is not a multiple of
     // kChannelsPerThread.
@@ -195,14 +195,20 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
       }
       continue;
     }
-    // Cell hw of channel j of the RoI's image is image[hw * step + shift[j]],
-    // image_at being the offset of (cell 0, channel `group`) in every
-    // feature-shaped buffer. A spare slot reads channel `group` again (shift
-    // 0), so that the cell loop needs no branch; its result is dropped.
+    // Cell hw of channel j of the RoI's features image is
+    // image[hw * step + shift[j]], image_at being the offset of (cell 0,
+    // channel `group`) of that image. A spare slot reads channel `group`
+    // again (shift 0), so that the cell loop needs no branch; its result is
+    // dropped.
+    const int64_t pooled_image =
+        kOp == kForwardOp ? g.batch : d.images.features_image(g.batch);
     const int64_t image_at = kLayout == kNHWC
-                                 ? g.batch * plane * d.channels + group
-                                 : (g.batch * d.channels + group) * plane;
+                                 ? pooled_image * plane * d.channels + group
+                                 : (pooled_image * d.channels + group) * plane;
     const T* image = features + image_at;
+    // The same offset in image g.batch of `in` (gather) or `out` (scatter),
+    // which may hold copies of the features' images.
+    const int64_t value_at = image_at + (g.batch - pooled_image) * plane * d.channels;
     const int64_t channel_step = kLayout == kNHWC ? 1 : plane;
     int64_t shift[kV];
 #pragma unroll
@@ -243,7 +249,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
         out[out_at(j)] = best_raw[j];
         if (argmax) argmax[out_at(j)] = int32_t(g.batch * plane + best_hw[j]);
       } else {
-        const int64_t at = image_at + int64_t(best_hw[j]) * step + shift[j];
+        const int64_t at = value_at + int64_t(best_hw[j]) * step + shift[j];
         if constexpr (kOp == kGatherOp)
           out[out_at(j)] = in[at];
         else

@@ -154,10 +154,17 @@ def check_features(features, layout: str) -> jax.Array:
     if any(is_static(d) and d < 1 for d in (n, h, w)):
         raise ValueError(f"roi_pool: features must have non-empty batch and spatial dimensions, "
                          f"got shape {features.shape} for layout {layout!r}")
-    if is_static(n, h, w) and n * h * w > MAX_CELLS:
-        raise ValueError(f"roi_pool: features have {n * h * w} cells (N*H*W), more than the "
-                         f"int32 argmax can address ({MAX_CELLS})")
+    check_cell_count(n, h * w)
     return features
+
+
+def check_cell_count(images, plane) -> None:
+    """N * H * W cells (``plane`` = H * W), counting vmapped copies of the
+    images, must be addressable by the int32 argmax."""
+    if is_static(images, plane) and images * plane > MAX_CELLS:
+        raise ValueError(f"roi_pool: features have {images * plane} cells (N*H*W, counting "
+                         f"vmapped copies), more than the int32 argmax can address "
+                         f"({MAX_CELLS})")
 
 
 def feature_dims(shape, layout: str) -> tuple[int, int, int, int]:

@@ -54,10 +54,14 @@ def _check_cpu_isa_cap() -> None:
         raise ValueError(f"JAX_ROIPOOL_CPU_ISA={cap!r}: expected one of {CPU_ISAS}, or unset")
 
 
-def _pool_attrs(pooled, spatial_scale, layout, bins):
-    return dict(pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
-                spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
-                bins=np.int32(BIN_CODES[bins]))
+def _pool_attrs(pooled, spatial_scale, layout, bins, image_major=None):
+    """The kernels' attributes; gather and scatter also take image_major."""
+    attrs = dict(pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
+                 spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
+                 bins=np.int32(BIN_CODES[bins]))
+    if image_major is not None:
+        attrs["image_major"] = np.int32(image_major)
+    return attrs
 
 
 # Features of this many bytes or more are pooled with their RoIs in
@@ -103,9 +107,11 @@ def _ffi_lowering(target: str, platform: str):
     (cotangent, features, rois), each with the pooling order as a last
     operand, ``roi_order(rois)`` or an empty one (the RoIs' own order). Gather
     and scatter recompute the argmax from features and rois. The forward's
-    with_argmax is conveyed by the argmax result's shape (empty when False)."""
+    with_argmax is conveyed by the argmax result's shape (empty when False),
+    as is the number of copies of the images a gather's source or a
+    scatter's gradient holds."""
 
-    def lowering(ctx, *operands, with_argmax=None, **config):
+    def lowering(ctx, *operands, with_argmax=None, copies=None, **config):
         features, rois = ctx.avals_in[-2:]
         if _sorts_rois(platform, target, features, rois):
             order_aval = jax.core.ShapedArray(rois.shape[:1], np.int32)

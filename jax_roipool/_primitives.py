@@ -11,6 +11,13 @@ Two families of three primitives each:
   cotangent; gather and scatter are each other's transpose.
 Together these give grad, jvp, jacfwd/jacrev, hessian and higher orders.
 
+Gather and scatter also take ``copies`` and ``image_major``: their source
+(gradient) may hold ``copies`` copies of the features' images, copy-major
+(image ``copy * N + n``) or image-major (``n * copies + copy``), a RoI
+naming image i of the source and pooling image n of the features. That is
+how a vmap over tangents or cotangents alone (jacfwd, jacrev, batched
+JVPs and VJPs) folds its batch without copying the features it shares.
+
 Gather and scatter take the forward's operands instead of its argmax and
 recompute the argmax inside the kernel: a stored argmax would be as large as
 the output, written by the forward and read back by the backward, which
@@ -112,10 +119,10 @@ def _result_aval(shape, dtype, operands, spec=None):
                        sharding=sharding)
 
 
-def _result_specs(family, op, layout, operands):
+def _result_specs(family, op, layout, operands, copies=1, image_major=False):
     if not family.per_image:
         return (None, None)
-    sig = _sharding.signature(op, layout)
+    sig = _sharding.signature(op, layout, copies=copies, image_major=image_major)
     return _sharding.result_specs(sig, [getattr(a, "sharding", None) for a in operands])
 
 
@@ -136,17 +143,19 @@ def _roi_pool_abstract(family, features, rois, *, pooled, spatial_scale, layout,
     return out, _result_aval(shape, np.int32, operands, specs[1])
 
 
-def _gather_abstract(family, source, features, rois, *, pooled, layout, **_):
+def _gather_abstract(family, source, features, rois, *, pooled, layout, copies, image_major,
+                     **_):
     operands = (source, features, rois)
-    spec = _result_specs(family, "gather", layout, operands)[0]
+    spec = _result_specs(family, "gather", layout, operands, copies, image_major)[0]
     return _result_aval(_pooled_shape(features, rois, pooled, layout), source.dtype, operands,
                         spec)
 
 
-def _scatter_abstract(family, cotangent, features, rois, *, layout, **_):
+def _scatter_abstract(family, cotangent, features, rois, *, layout, copies, image_major, **_):
     operands = (cotangent, features, rois)
-    spec = _result_specs(family, "scatter", layout, operands)[0]
-    return _result_aval(features.shape, cotangent.dtype, operands, spec)
+    spec = _result_specs(family, "scatter", layout, operands, copies, image_major)[0]
+    shape = (features.shape[0] * copies,) + tuple(features.shape[1:])
+    return _result_aval(shape, cotangent.dtype, operands, spec)
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +172,8 @@ def _roi_pool_jvp(family, primals, tangents, *, with_argmax, **config):
     if type(features_dot) is ad.Zero:
         out_dot = _zero_like(out)
     else:
-        out_dot = family.gather.bind(features_dot, features, rois, **config)
+        out_dot = family.gather.bind(features_dot, features, rois, copies=1, image_major=False,
+                                     **config)
     return (out, argmax), (out_dot, _zero_like(argmax))
 
 
@@ -270,34 +280,55 @@ def _unless_empty(primitive, rule):
     return batched
 
 
-def _fold_flat(images, image_dims, rois, rois_dim, size, layout, *, fold_images):
-    """Folds the mapped axis of [R, 5] rois into R. With ``fold_images``, also
-    folds it into N of the feature-shaped operands ``images`` (broadcasting
-    unmapped ones) and re-indexes every RoI into its own copy of the images;
-    otherwise the images are shared by all batch elements."""
-    rois = _to_front(rois, rois_dim, size)
-    if not fold_images:
-        return images, _merge(rois, 0)
-    images = [_to_front(x, d, size) for x, d in zip(images, image_dims)]
-    n = images[0].shape[1]  # images per batch element (N leads in both layouts)
-    images = [_merge(x, 0) for x in images]
-    _checks.check_features(images[0], layout)  # the folded N*H*W must still fit int32
-    _checks.check_image_count(rois.dtype, size * n)
+def _fold_images(x, dim, size):
+    """Folds the mapped axis of a feature-shaped operand (or of a pooled one,
+    into R) batch-major: [B, N, ...] -> [B * N, ...], broadcasting an unmapped one."""
+    return _merge(_to_front(x, dim, size), 0)
+
+
+def _fold_rois(rois, dim, size, images: int, plane: int):
+    """Folds the mapped axis of [R, 5] rois into R, re-indexing the RoIs of batch
+    element b into images b * images + i of images folded batch-major
+    (``plane`` = H * W: the folded images' cells must fit the int32 argmax)."""
+    rois = _to_front(rois, dim, size)
+    _checks.check_cell_count(size * images, plane)
+    _checks.check_image_count(rois.dtype, size * images)
     # Invalid batch indices stay invalid (they must not land in a neighbouring
     # copy). Unlike the kernels, this compares in the rois' dtype: exact, as
     # check_image_count keeps float32 totals within 2**24.
     b = rois[..., 0]
-    offset = (jnp.arange(size, dtype=rois.dtype) * n)[:, None]
-    rois = rois.at[..., 0].set(jnp.where((b > -1) & (b < n), jnp.trunc(b) + offset, -1))
-    return images, _merge(rois, 0)
+    offset = (jnp.arange(size, dtype=rois.dtype) * images)[:, None]
+    rois = rois.at[..., 0].set(jnp.where((b > -1) & (b < images), jnp.trunc(b) + offset, -1))
+    return _merge(rois, 0)
+
+
+def _element_dims(features, dim, layout) -> tuple[int, int, int, int]:
+    """(N, H, W, C) of one batch element of features mapped along ``dim`` (or None)."""
+    shape = features.shape if dim is None else features.shape[:dim] + features.shape[dim + 1:]
+    return _checks.feature_dims(shape, layout)
+
+
+def _own_copies(features, dim, size, copies, image_major):
+    """Features [B, N * copies, ...]: every batch element's own copy of the
+    images that a gather's source (a scatter's gradient) holds, in its order."""
+    features = _to_front(features, dim, size)
+    if copies == 1:
+        return features
+    if image_major:
+        return jnp.repeat(features, copies, axis=1)
+    return jnp.tile(features, (1, copies) + (1,) * (features.ndim - 2))
 
 
 def _roi_pool_batch(args, dims, *, with_argmax, **config):
     features, rois = args
     size = _batch_size(args, dims)
     fold = dims[0] is not None
-    (features,), rois = _fold_flat([features], dims[:1], rois, dims[1], size,
-                                   config["layout"], fold_images=fold)
+    if fold:
+        n, h, w, _ = _element_dims(features, dims[0], config["layout"])
+        features = _fold_images(features, dims[0], size)
+        rois = _fold_rois(rois, dims[1], size, n, h * w)
+    else:
+        rois = _fold_images(rois, dims[1], size)
     out, argmax = roi_pool_p.bind(features, rois, with_argmax=with_argmax, **config)
     out = _split(out, 0, size, out.shape[0] // size)
     if not with_argmax:
@@ -305,32 +336,43 @@ def _roi_pool_batch(args, dims, *, with_argmax, **config):
     argmax = _split(argmax, 0, size, argmax.shape[0] // size)
     if fold:
         # The kernel indexed the folded images; make each argmax index its own copy.
-        n, h, w, _ = _checks.feature_dims(features.shape, config["layout"])
-        offset = jnp.arange(size, dtype=np.int32) * (n // size * h * w)
+        offset = jnp.arange(size, dtype=np.int32) * (n * h * w)
         offset = offset.reshape((-1,) + (1,) * (argmax.ndim - 1))
         argmax = jnp.where(argmax >= 0, argmax - offset, -1)
     return (out, argmax), (0, 0)
 
 
-def _gather_batch(args, dims, **config):
-    source, features, rois = args
-    size = _batch_size(args, dims)
-    fold = dims[0] is not None or dims[1] is not None
-    (source, features), rois = _fold_flat([source, features], dims[:2], rois, dims[2], size,
-                                          config["layout"], fold_images=fold)
-    out = gather_p.bind(source, features, rois, **config)
-    return _split(out, 0, size, out.shape[0] // size), 0
+def _argmax_op_batch(primitive, value_like_features):
+    """Batching rule of the flat gather (``value_like_features``: its source is
+    feature-shaped) or scatter (its cotangent is pooled; its result feature-shaped).
 
+    Only the rois mapped: the mapped axis goes into R. Otherwise every batch
+    element has its own source (or gradient): the mapped axis goes into its
+    images, batch-major, and each element's RoIs are re-indexed into them.
+    Shared features are not copied: the kernel pools features image
+    ``i % N`` for image i (copies, copy-major). Mapped features, or shared
+    ones of an image-major call (which no flat batching makes), are
+    folded alike, each element with its own copy."""
 
-def _scatter_batch(args, dims, **config):
-    cotangent, features, rois = args
-    size = _batch_size(args, dims)
-    # Every batch element has its own gradient, so the images are always folded.
-    (features,), rois = _fold_flat([features], dims[1:2], rois, dims[2], size,
-                                   config["layout"], fold_images=True)
-    cotangent = _merge(_to_front(cotangent, dims[0], size), 0)
-    out = scatter_p.bind(cotangent, features, rois, **config)
-    return _split(out, 0, size, out.shape[0] // size), 0
+    def rule(args, dims, *, copies, image_major, **config):
+        value, features, rois = args
+        size = _batch_size(args, dims)
+        if value_like_features and dims[0] is None and dims[1] is None:
+            out = primitive.bind(value, features, _fold_images(rois, dims[2], size),
+                                 copies=copies, image_major=image_major, **config)
+            return _split(out, 0, size, out.shape[0] // size), 0
+        n, h, w, _ = _element_dims(features, dims[1], config["layout"])
+        shared = dims[1] is None and (copies == 1 or not image_major)
+        if not shared:
+            features = _fold_images(_own_copies(features, dims[1], size, copies, image_major),
+                                    0, size)
+        images = n * copies  # per batch element
+        rois = _fold_rois(rois, dims[2], size, images, h * w)
+        out = primitive.bind(_fold_images(value, dims[0], size), features, rois,
+                             copies=copies * size if shared else 1, image_major=False, **config)
+        return _split(out, 0, size, out.shape[0] // size), 0
+
+    return rule
 
 
 # ---------------------------------------------------------------------------
@@ -366,39 +408,42 @@ class _PerImageFold(NamedTuple):
     split: Callable        # result -> (result with the batch axis split out, batch dim)
 
 
-def _fold_per_image(images, image_dims, boxes, boxes_dim, size, layout, *, fold_images,
-                    batch_major=False):
-    """(images, boxes, _PerImageFold): the per-image counterpart of ``_fold_flat``.
+def _fold_per_image(boxes, boxes_dim, size, plane, *, fold_images, batch_major=False):
+    """(boxes, _PerImageFold): the per-image counterpart of ``_fold_rois``.
 
-    ``fold_images``: the mapped axis goes into N, ahead of it if
-    ``batch_major`` (see ``_batch_major``); otherwise the images are shared and
-    the mapped axis goes into K, where nothing else needs folding (``fold`` is
-    None: a scatter always folds its images, as each copy has its own gradient).
+    ``fold_images``: the mapped axis goes into N of the boxes, which counts
+    the images they name, ahead of it if ``batch_major`` (see
+    ``_batch_major``); ``fold`` folds the operands with images (features,
+    a source, a cotangent) alike. The folded images' cells must fit the int32
+    argmax (``plane`` = H * W). Otherwise the images are shared and the
+    mapped axis goes into K, where nothing else needs folding (``fold`` is
+    None: a scatter always folds, as each batch element has its own gradient).
     """
     if not fold_images:  # shared images: [N, B, K, 4] -> [N, B * K, 4] boxes
         boxes = _to_second(boxes, boxes_dim, size)
         lead = boxes.shape[1:3]
-        return images, _merge(boxes, 1), _PerImageFold(None, lambda r: (_split(r, 1, *lead), 1))
+        return _merge(boxes, 1), _PerImageFold(None, lambda r: (_split(r, 1, *lead), 1))
     move = _to_front if batch_major else _to_second
 
     def fold(x, dim):
         return _merge(move(x, dim, size), 0)
 
-    images = [fold(x, d) for x, d in zip(images, image_dims)]
-    _checks.check_features(images[0], layout)  # N*B*H*W must fit int32
-    _checks.check_image_count(boxes.dtype, images[0].shape[0])
-    n = images[0].shape[0] // size
+    boxes = fold(boxes, boxes_dim)
+    _checks.check_cell_count(boxes.shape[0], plane)
+    _checks.check_image_count(boxes.dtype, boxes.shape[0])
+    n = boxes.shape[0] // size
     lead, out_dim = ((size, n), 0) if batch_major else ((n, size), 1)
-    return images, fold(boxes, boxes_dim), _PerImageFold(
-        fold, lambda r: (_split(r, 0, *lead), out_dim))
+    return boxes, _PerImageFold(fold, lambda r: (_split(r, 0, *lead), out_dim))
 
 
 def _per_image_batch(args, dims, *, with_argmax, **config):
     features, boxes = args
     size = _batch_size(args, dims)
-    (features,), boxes, how = _fold_per_image(
-        [features], dims[:1], boxes, dims[1], size, config["layout"],
-        fold_images=dims[0] is not None, batch_major=_batch_major(args[:1], dims[:1]))
+    _, h, w, _ = _element_dims(features, dims[0], config["layout"])
+    boxes, how = _fold_per_image(boxes, dims[1], size, h * w, fold_images=dims[0] is not None,
+                                 batch_major=_batch_major(args[:1], dims[:1]))
+    if how.fold:
+        features = how.fold(features, dims[0])
     out, argmax = per_image_p.bind(features, boxes, with_argmax=with_argmax, **config)
     out, out_dim = how.split(out)
     if not with_argmax:
@@ -406,25 +451,36 @@ def _per_image_batch(args, dims, *, with_argmax, **config):
     return (out, how.split(argmax)[0]), (out_dim, out_dim)
 
 
-def _per_image_gather_batch(args, dims, **config):
-    source, features, boxes = args
-    size = _batch_size(args, dims)
-    (source, features), boxes, how = _fold_per_image(
-        [source, features], dims[:2], boxes, dims[2], size, config["layout"],
-        fold_images=dims[0] is not None or dims[1] is not None,
-        batch_major=_batch_major(args[:2], dims[:2]))
-    return how.split(per_image_gather_p.bind(source, features, boxes, **config))
+def _per_image_argmax_op_batch(primitive, value_like_features):
+    """Batching rule of the per-image gather (``value_like_features``) or
+    scatter, as ``_argmax_op_batch`` for the flat ones: shared images (source
+    and features) take the mapped axis into K; otherwise it goes into the
+    images of the source (gradient) and of the boxes, image-major (copies
+    image-major: features image ``i // copies``) or, where ``_batch_major``,
+    batch-major (copy-major: ``i % N``), without copying shared features."""
 
+    def rule(args, dims, *, copies, image_major, **config):
+        value, features, boxes = args
+        size = _batch_size(args, dims)
+        _, h, w, _ = _element_dims(features, dims[1], config["layout"])
+        if value_like_features and dims[0] is None and dims[1] is None:
+            boxes, how = _fold_per_image(boxes, dims[2], size, h * w, fold_images=False)
+            return how.split(primitive.bind(value, features, boxes, copies=copies,
+                                            image_major=image_major, **config))
+        batch_major = _batch_major(args[:2], dims[:2])
+        # Shared features serve as they are where the new copies nest in the
+        # same order as the ones the call already has.
+        shared = dims[1] is None and (copies == 1 or image_major != batch_major)
+        boxes, how = _fold_per_image(boxes, dims[2], size, h * w, fold_images=True,
+                                     batch_major=batch_major)
+        if not shared:
+            features = how.fold(_own_copies(features, dims[1], size, copies, image_major), 0)
+        out = primitive.bind(how.fold(value, dims[0]), features, boxes,
+                             copies=copies * size if shared else 1,
+                             image_major=shared and not batch_major, **config)
+        return how.split(out)
 
-def _per_image_scatter_batch(args, dims, **config):
-    cotangent, features, boxes = args
-    size = _batch_size(args, dims)
-    # Every batch element has its own gradient, so the images are always folded.
-    (features,), boxes, how = _fold_per_image(
-        [features], dims[1:2], boxes, dims[2], size, config["layout"], fold_images=True,
-        batch_major=_batch_major(args[:2], dims[:2]))
-    cotangent = how.fold(cotangent, dims[0])
-    return how.split(per_image_scatter_p.bind(cotangent, features, boxes, **config))
+    return rule
 
 
 # ---------------------------------------------------------------------------
@@ -444,14 +500,22 @@ def _per_image_forward(features, boxes, *, with_argmax, **config):
                                           config["layout"])
 
 
-def _per_image_gather(source, features, boxes, **config):
-    out = gather_p.bind(source, features, reference.per_image_rois(boxes), **config)
+def _local_copies(features, boxes) -> int:
+    """Copies of the images that this block of a gather's source (a scatter's
+    gradient) holds: with copy-major copies split across devices, each holds
+    some of them."""
+    return boxes.shape[0] // features.shape[0]
+
+
+def _per_image_gather(source, features, boxes, *, copies, **config):
+    out = gather_p.bind(source, features, reference.per_image_rois(boxes),
+                        copies=_local_copies(features, boxes), **config)
     return (out.reshape(boxes.shape[:2] + out.shape[1:]),)
 
 
-def _per_image_scatter(cotangent, features, boxes, **config):
+def _per_image_scatter(cotangent, features, boxes, *, copies, **config):
     return (scatter_p.bind(_merge(cotangent, 0), features, reference.per_image_rois(boxes),
-                           **config),)
+                           copies=_local_copies(features, boxes), **config),)
 
 
 def plain_aval(aval):
@@ -464,7 +528,9 @@ def plain_aval(aval):
 def _per_image_rule(op, body, multiple_results):
     def rule(ctx, *args, **params):
         with_argmax = params.get("with_argmax", True)
-        sig = _sharding.signature(op, params["layout"], with_argmax)
+        sig = _sharding.signature(op, params["layout"], with_argmax,
+                                  copies=params.get("copies", 1),
+                                  image_major=params.get("image_major", False))
         fn = _sharding.maybe_partitioned(ctx, functools.partial(body, **params), sig)
 
         def lowered(*args):
@@ -499,10 +565,12 @@ for _family in (FLAT, PER_IMAGE):
     ad.primitive_transposes[_family.gather] = _transpose_to(_family.scatter)
     ad.primitive_transposes[_family.scatter] = _transpose_to(_family.gather)
 
-for _p, _rule in ((roi_pool_p, _roi_pool_batch), (gather_p, _gather_batch),
-                  (scatter_p, _scatter_batch), (per_image_p, _per_image_batch),
-                  (per_image_gather_p, _per_image_gather_batch),
-                  (per_image_scatter_p, _per_image_scatter_batch)):
+for _p, _rule in ((roi_pool_p, _roi_pool_batch),
+                  (gather_p, _argmax_op_batch(gather_p, True)),
+                  (scatter_p, _argmax_op_batch(scatter_p, False)),
+                  (per_image_p, _per_image_batch),
+                  (per_image_gather_p, _per_image_argmax_op_batch(per_image_gather_p, True)),
+                  (per_image_scatter_p, _per_image_argmax_op_batch(per_image_scatter_p, False))):
     batching.primitive_batchers[_p] = _unless_empty(_p, _rule)
 
 # Flat family: the default lowering for every platform; _native overrides

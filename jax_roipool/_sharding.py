@@ -33,24 +33,34 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec, use_abstract_mesh
 
 # Dimension labels: n image, k box, c channel, h/w feature rows/columns,
-# i/j pooled rows/columns, d box coordinate.
+# i/j pooled rows/columns, d box coordinate, b copy of the images (a gather's
+# source, a scatter's gradient and their boxes may hold several: the
+# compound dimension "(n b)", image-major, or "(b n)", copy-major).
+
+
+def _factors(label: str) -> list[str]:
+    """The labels of a dimension, major first: "(n b)" -> ["n", "b"]."""
+    return label.strip("()").split()
 
 
 class Signature(NamedTuple):
     """Dimension labels of the operands and results of one per-image call.
 
     Labels in ``keep`` may be sharded (each shard is computed independently);
-    all others must be whole on every device.
+    all others must be whole on every device. Only the major label of a
+    compound dimension is in ``keep``: its sharding is that dimension's.
     """
 
     operands: tuple[tuple[str, ...], ...]
     results: tuple[tuple[str, ...], ...]
     keep: frozenset[str]
+    copies: int = 1  # the size of label b
 
     def fixed_labels(self) -> tuple[str, ...]:
         """Labels that must not be sharded, in order of first appearance
         (Shardy wants its special factors sorted by factor index)."""
-        labels = [label for dims in self.operands + self.results for label in dims]
+        labels = [f for dims in self.operands + self.results for label in dims
+                  for f in _factors(label)]
         return tuple(dict.fromkeys(label for label in labels if label not in self.keep))
 
     def shardy_rule(self) -> str:
@@ -60,22 +70,39 @@ class Signature(NamedTuple):
         return f"{side(self.operands)} -> {side(self.results)}"
 
 
-def signature(op: str, layout: str, with_argmax: bool = True) -> Signature:
+def signature(op: str, layout: str, with_argmax: bool = True, *, copies: int = 1,
+              image_major: bool = False) -> Signature:
     """op: "forward" (features, boxes) -> (out[, argmax]); "gather" (source,
     features, boxes) -> values; "scatter" (cotangent, features, boxes) ->
-    features-shaped sum."""
-    features = ("n", "h", "w", "c") if layout == "NHWC" else ("n", "c", "h", "w")
-    pooled = ("n", "k", "i", "j", "c") if layout == "NHWC" else ("n", "k", "c", "i", "j")
-    boxes = ("n", "k", "d")
+    features-shaped sum. A gather's source or a scatter's gradient (and the
+    boxes, which name their images) may hold ``copies`` copies of the
+    features' images, image-major or copy-major."""
+
+    def labelled(images):
+        features = (images, "h", "w", "c") if layout == "NHWC" else (images, "c", "h", "w")
+        pooled = ((images, "k", "i", "j", "c") if layout == "NHWC" else
+                  (images, "k", "c", "i", "j"))
+        return features, pooled, (images, "k", "d")
+
+    features, pooled, boxes = labelled("n")
     if op == "forward":
         return Signature((features, boxes), (pooled, pooled)[:1 + with_argmax],
                          frozenset("nkc"))
+    keep = frozenset("nkc")
+    like_features = features
+    if copies > 1:
+        # Each device takes a block of the major label, n or b: its images
+        # with all their copies, or its copies of all the images; either way
+        # it pools them from the features it holds.
+        major = "n" if image_major else "b"
+        keep = keep - {"n"} | {major}
+        like_features, pooled, boxes = labelled("(n b)" if image_major else "(b n)")
     if op == "gather":
-        return Signature((features, features, boxes), (pooled,), frozenset("nkc"))
+        return Signature((like_features, features, boxes), (pooled,), keep, copies)
     if op == "scatter":
         # Boxes of one image add into the same cells: sharding k would need a
         # sum across devices, so k is gathered instead (it is small).
-        return Signature((pooled, features, boxes), (features,), frozenset("nc"))
+        return Signature((pooled, features, boxes), (like_features,), keep - {"k"}, copies)
     raise ValueError(op)
 
 
@@ -97,6 +124,7 @@ def choose_axes(sig: Signature, shardings) -> dict:
     axes, used = {}, set()
     for dims, sharding in zip(sig.operands, shardings):
         for label, entry in zip(dims, spec_entries(sharding, len(dims))):
+            label = _factors(label)[0]
             if label not in sig.keep or label in axes or entry is None:
                 continue
             names = set(_axis_names(entry))
@@ -110,11 +138,12 @@ def choose_axes(sig: Signature, shardings) -> dict:
 def result_specs(sig: Signature, shardings) -> tuple[PartitionSpec, ...]:
     """PartitionSpecs of the results for operands sharded as ``shardings``."""
     axes = choose_axes(sig, shardings)
-    return tuple(PartitionSpec(*(axes.get(label) for label in dims)) for dims in sig.results)
+    return tuple(PartitionSpec(*(axes.get(_factors(label)[0]) for label in dims))
+                 for dims in sig.results)
 
 
 def _named(mesh, dims, axes) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(*(axes.get(label) for label in dims)))
+    return NamedSharding(mesh, PartitionSpec(*(axes.get(_factors(label)[0]) for label in dims)))
 
 
 def _mesh_of(mesh, shardings):
@@ -161,7 +190,8 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
         for dims, shape in zip(sig.results, user_shape):
             mesh_ = _mesh_of(mesh, [shape.sharding])
             entries = spec_entries(shape.sharding, len(dims))
-            spec = [e if label in sig.keep else None for label, e in zip(dims, entries)]
+            spec = [e if _factors(label)[0] in sig.keep else None
+                    for label, e in zip(dims, entries)]
             results.append(NamedSharding(mesh_, PartitionSpec(*spec)))
         return tuple(results)
 
@@ -176,7 +206,8 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
     wrapped.def_partition(
         partition, infer_sharding_from_operands=infer, propagate_user_sharding=propagate,
         sharding_rule=sig.shardy_rule(),
-        need_replication_factors=sig.fixed_labels())
+        need_replication_factors=sig.fixed_labels(),
+        **({"b": sig.copies} if sig.copies > 1 else {}))
     return wrapped
 
 

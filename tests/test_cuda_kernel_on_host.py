@@ -23,6 +23,7 @@ import pytest
 
 import jax_roipool as jrp
 from jax_roipool import _checks, _native
+from jax_roipool._primitives import gather_p, scatter_p
 from conftest import (BINS, DTYPES, HOST_CXX, LAYOUTS, SCALES, adversarial_rois,
                       assert_bitwise, assert_exact, dtype_id, feature_shape, random_features,
                       random_rois, x64_for)
@@ -67,8 +68,7 @@ def kernel(request, tmp_path_factory):
     lib = ctypes.CDLL(library)
     fn = lib.emulate_pool_kernel
     fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_int32] * 4 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
-                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+    fn.argtypes = ([ctypes.c_int32] * 9 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                            ctypes.c_int32, ctypes.c_double]
                    + [ctypes.c_void_p] * 6)
     lib.channels_per_thread = request.param
@@ -102,17 +102,19 @@ def test_launch_grid_covers_every_task_once(kernel, rois, c, pooled):
 
 
 def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, order=None,
-            with_argmax=True):
+            with_argmax=True, copies=1, image_major=False):
     """The kernel's results as numpy arrays: (out, argmax) for the forward
     (argmax None, and a null pointer to the kernel, without ``with_argmax``),
     out for gather, the (float32 for 16-bit) accumulator for scatter; RoIs
-    pooled in ``order`` (int32 indices) or their own."""
+    pooled in ``order`` (int32 indices) or their own. A gather's source (a
+    scatter's gradient) holds ``copies`` copies of the images, image-major or not."""
     n, h, w, c = (features.shape if layout == "NHWC" else
                   (features.shape[0], features.shape[2], features.shape[3], features.shape[1]))
     pooled_shape = feature_shape(len(rois), pooled[0], pooled[1], c, layout)
     dtype = np.dtype(features.dtype)
     if op == "scatter":
-        out = np.zeros(features.shape, np.float64 if dtype == np.float64 else np.float32)
+        out = np.zeros((n * copies,) + features.shape[1:],
+                       np.float64 if dtype == np.float64 else np.float32)
     else:
         out = np.zeros(pooled_shape, dtype)
     argmax = np.zeros(pooled_shape, np.int32) if op == "forward" and with_argmax else None
@@ -121,9 +123,10 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, orde
     order = None if order is None else np.ascontiguousarray(order, np.int32)
     pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = kernel.emulate_pool_kernel(
-        OPS[op], LAYOUTS.index(layout), _native.BIN_CODES[bins], DTYPE_CODES[dtype.name], n, h,
-        w, c, len(rois), pooled[0], pooled[1], scale, pointer(features), pointer(rois),
-        pointer(order), pointer(value), pointer(out), pointer(argmax))
+        OPS[op], LAYOUTS.index(layout), _native.BIN_CODES[bins], DTYPE_CODES[dtype.name], n,
+        copies, int(image_major), h, w, c, len(rois), pooled[0], pooled[1], scale,
+        pointer(features), pointer(rois), pointer(order), pointer(value), pointer(out),
+        pointer(argmax))
     assert status == 0
     return (out, argmax) if op == "forward" else out
 
@@ -226,6 +229,35 @@ def test_pooling_order_changes_no_result(kernel, layout):
     out, arg = emulate(kernel, "forward", features, rois, None, *args, order=bad)
     assert not out[skipped].any() and not arg[skipped].any()
     assert_bitwise(out[~skipped], want_out[~skipped], "forward output, other RoIs")
+
+
+@pytest.mark.parametrize("image_major", [False, True], ids=["copy-major", "image-major"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=dtype_id)
+def test_cuda_kernel_copies_of_the_images_match_cpu(kernel, dtype, layout, image_major):
+    # A gather's source or a scatter's gradient holding copies of the images
+    # (a vmap over tangents or cotangents alone): RoIs name images of the
+    # copies, batch indices out of their range included.
+    rng, features, rois, pooled, scale = case(5, dtype, layout)
+    n, copies = features.shape[0], 3
+    rois[:, 0] = rng.integers(-1, n * copies + 1, len(rois))
+    source = random_features(rng, (n * copies,) + features.shape[1:], dtype)
+    out_shape = feature_shape(len(rois), pooled[0], pooled[1], features.shape[-1]
+                              if layout == "NHWC" else features.shape[1], layout)
+    cotangent = rng.integers(-2, 3, out_shape).astype(dtype)
+    config = dict(pooled=pooled, spatial_scale=scale, layout=layout, bins="fast_rcnn",
+                  copies=copies, image_major=image_major)
+    args = (pooled, scale, layout, "fast_rcnn")
+    copied = dict(copies=copies, image_major=image_major)
+    features_, rois_ = jnp.asarray(features), jnp.asarray(rois)
+    want = gather_p.bind(jnp.asarray(source), features_, rois_, **config)
+    assert np.asarray(want, np.float32).any()
+    assert_bitwise(emulate(kernel, "gather", features, rois, source, *args, **copied), want,
+                   "gather")
+    want = scatter_p.bind(jnp.asarray(cotangent), features_, rois_, **config)
+    assert want.shape == source.shape and np.asarray(want, np.float32).any()
+    got = emulate(kernel, "scatter", features, rois, cotangent, *args, **copied)
+    assert_bitwise(got.astype(dtype), want, "scatter")
 
 
 def test_scatter_accumulates_16_bit_sums_in_float32(kernel):

@@ -161,6 +161,33 @@ def test_vmap_and_jvp_on_gpu_match_cpu():
         assert_bitwise(g, w, "vmapped jvp")
 
 
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batched_jvps_and_vjps_at_shared_features_match_cpu(layout, form):
+    # A vmap over tangents or cotangents alone: the kernels read the shared
+    # features once for all batch elements (copies of the images in their
+    # source or gradient; copy-major for flat rois, image-major per image).
+    rng = np.random.default_rng(7)
+    features = random_features(rng, feature_shape(2, 15, 16, 4, layout), np.float32, "ties")
+    rois = random_rois(rng, 2, 15, 16, 40, 1.0)
+    if form == "per_image":
+        rois = rois[:, 1:].reshape(2, 20, 4)
+    pool = lambda x: jrp.roi_pool(x, rois, 3, layout=layout)  # noqa: E731
+    tangents = random_features(rng, (3,) + features.shape, np.float32)
+    cotangents = rng.integers(-2, 3, (3,) + jax.eval_shape(pool, features).shape)
+
+    def fn(f, t, c):
+        jvps = jax.vmap(lambda t: jax.jvp(pool, (f,), (t,))[1])(t)
+        back = jax.vjp(pool, f)[1]
+        return jvps, jax.vmap(lambda c: back(c)[0])(c)
+
+    cotangents = cotangents.astype(np.float32)
+    got = run_on(gpu(), fn, features, tangents, cotangents)
+    want = run_on(cpu(), fn, features, tangents, cotangents)
+    assert_bitwise(got[0], want[0], "batched JVPs")
+    assert_bitwise(got[1], want[1], "batched VJPs")  # small integer sums: exact
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_per_image_boxes_match_cpu(layout):
     rng = np.random.default_rng(5)

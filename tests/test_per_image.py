@@ -351,28 +351,58 @@ def test_vmap_is_one_kernel_call(f_axis, b_axis):
 # ---------------------------------------------------------------------------
 # The gather and scatter primitives recompute the forward's argmax from the
 # features: they pick from / add into the cells that the forward picks in
-# `features`, whatever the values they gather or scatter.
+# `features`, whatever the values they gather or scatter. Their source (a
+# scatter's gradient) may hold copies of the features' images (how a vmap over
+# tangents or cotangents alone folds its batch): the same as copying the
+# features alike.
 
-@pytest.mark.parametrize("family", ["flat", "per_image"])
+COPIES = {"no copies": (1, False), "3 copies, copy-major": (3, False),
+          "3 copies, image-major": (3, True)}
+
+
+def copied(features, copies, image_major, layout):
+    """The features' images as a source holding ``copies`` of them lays them out."""
+    if image_major:
+        return np.repeat(features, copies, axis=0)
+    return np.tile(features, (copies, 1, 1, 1))
+
+
+@pytest.mark.parametrize("copies", COPIES)
+@pytest.mark.parametrize("impl", ["flat", "per_image", "reference"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gather_scatter_at_forward_argmax(layout, family):
-    features, boxes = inputs(15, layout)
-    _, arg = loop(features, boxes, layout)
-    rng = np.random.default_rng(16)
-    source = random_features(rng, features.shape, np.float32)
+def test_gather_scatter_at_forward_argmax(layout, impl, copies):
+    copies, image_major = COPIES[copies]
+    rng = np.random.default_rng(15)
+    features = random_features(rng, feature_shape(N, H, W, C, layout), np.float32, "ties")
+    boxes = random_boxes(rng, n=N * copies)  # naming the images of the source
+    rois = flat_rois(boxes)
+    like_features = copied(features, copies, image_major, layout)
+    if impl == "per_image":
+        _, arg = loop(like_features, boxes, layout)
+    else:  # and batch indices out of range: no cell, in any copy
+        images = N * copies
+        rois = np.concatenate([rois, [[b, 0, 0, 2 * W, 2 * H] for b in
+                                      (-1, images, images + 0.5, images - 0.5)]])
+        _, arg = reference_loop.roi_pool_loop(like_features, rois, POOLED, SCALE, layout=layout)
+        arg = arg[None]  # as per-image [1, R, ...], for pick and scatter_grad
+    assert (arg >= 0).any() and (arg < 0).any()
+    source = random_features(rng, like_features.shape, np.float32)
     cot = rng.integers(-2, 3, arg.shape).astype(np.float32)
-    config = dict(pooled=POOLED, spatial_scale=SCALE, layout=layout, bins="fast_rcnn")
-    if family == "flat":
-        where, gather, scatter = flat_rois(boxes), gather_p, scatter_p
-        flat_cot = cot.reshape((-1,) + cot.shape[2:])
-    else:
-        where, gather, scatter = boxes, per_image_gather_p, per_image_scatter_p
+    config = dict(pooled=POOLED, spatial_scale=SCALE, layout=layout, bins="fast_rcnn",
+                  copies=copies, image_major=image_major)
+    if impl == "per_image":
+        where, gather, scatter = boxes, per_image_gather_p.bind, per_image_scatter_p.bind
         flat_cot = cot
+    else:
+        where, flat_cot = rois, cot.reshape((-1,) + cot.shape[2:])
+        gather, scatter = ((gather_p.bind, scatter_p.bind) if impl == "flat" else
+                           (jax.jit(ref.gather, static_argnames=tuple(config)),
+                            jax.jit(ref.scatter, static_argnames=tuple(config))))
     where = jnp.asarray(where, jnp.float32)
-    got = gather.bind(jnp.asarray(source), jnp.asarray(features), where, **config)
+    got = gather(jnp.asarray(source), jnp.asarray(features), where, **config)
     assert_exact(np.asarray(got).reshape(arg.shape), pick(source, arg, layout), "gather")
-    got = scatter.bind(jnp.asarray(flat_cot), jnp.asarray(features), where, **config)
-    assert_exact(got, scatter_grad(cot, arg, features.shape, layout), "scatter")
+    got = scatter(jnp.asarray(flat_cot), jnp.asarray(features), where, **config)
+    assert_exact(got, scatter_grad(cot, arg, like_features.shape, layout), "scatter")
 
 
 # ---------------------------------------------------------------------------

@@ -265,6 +265,58 @@ def _child():
             same(g, w, f"2-D mesh: {what}")
 
     @check
+    def shared_features_vmap():
+        """vmap over tangents or cotangents alone (batched JVPs and VJPs) with
+        the features shared and sharded along N: each device pools its own
+        images, for its block of every batch element, without copying the
+        features or gathering them (automatic mesh: image-major copies); with
+        the mapped axis sharded (explicit mesh), each device takes its batch
+        elements (copy-major copies)."""
+        b = 3
+        features, boxes = features_for("NHWC"), boxes_for()
+        out_shape = (N, K) + POOLED + (C,)
+        tangents = rng.integers(-4, 5, (b,) + features.shape).astype(np.float32)
+        cotangents = rng.integers(-2, 3, (b,) + out_shape).astype(np.float32)
+
+        def jvps(f, bx, t):
+            return jax.vmap(lambda t: jax.jvp(lambda f: jrp.roi_pool(f, bx, POOLED, SCALE),
+                                              (f,), (t,))[1])(t)
+
+        def vjps(f, bx, c):
+            pull = jax.vjp(lambda f: jrp.roi_pool(f, bx, POOLED, SCALE), f)[1]
+            return jax.vmap(lambda c: pull(c)[0])(c)
+
+        fns = {"jvp": (jax.jit(jvps), tangents), "vjp": (jax.jit(vjps), cotangents)}
+        want = {name: fn(features, boxes, batch) for name, (fn, batch) in fns.items()}
+        assert all(np.asarray(w).any() for w in want.values())
+        put = putter(auto_mesh())
+        fs, bs = put(features, P("x")), put(boxes, P("x"))
+        local = N // DEVICES
+        calls = {}
+        for name, (fn, batch) in fns.items():
+            sharded = put(batch, P(None, "x"))
+            same(fn(fs, bs, sharded), want[name], f"{name}, N sharded")
+            no_all_gather(fn, fs, bs, sharded)
+            target = "roipool_gather" if name == "jvp" else "roipool_scatter"
+            calls[name] = kernel_calls(hlo(fn, fs, bs, sharded), target)
+            # features: the device's own images, once; source or gradient: b copies of them.
+            assert calls[name] and all(ops[1] == (local, H, W, C) for ops, _ in calls[name])
+            like_features = [ops[0] if name == "jvp" else res[0] for ops, res in calls[name]]
+            assert all(shape == (local * b, H, W, C) for shape in like_features), calls
+        mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
+        tangents = rng.integers(-4, 5, (DEVICES,) + features.shape).astype(np.float32)
+        want = jax.jit(jvps)(features, boxes, tangents)
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(tangents, P("x"))
+            same(jax.jit(jvps)(features, boxes, sharded), want, "jvp, mapped axis sharded")
+            no_all_gather(jax.jit(jvps), features, boxes, sharded)
+            explicit = kernel_calls(hlo(jax.jit(jvps), features, boxes, sharded),
+                                    "roipool_gather")
+        # Each device: one copy (its batch element) of all the images.
+        assert explicit and all(ops[0] == ops[1] == (N, H, W, C) for ops, _ in explicit)
+        return {name: c[0][0] for name, c in calls.items()}
+
+    @check
     def no_boxes():
         mesh = auto_mesh()
         put = putter(mesh)
@@ -397,7 +449,8 @@ def results():
 
 
 CHECKS = ["per_image_auto_mesh", "per_image_explicit_mesh", "per_image_gspmd_partitioner",
-          "channels_sharded_too", "sharded_vmap", "explicit_vmap", "no_boxes", "negative_controls",
+          "channels_sharded_too", "sharded_vmap", "explicit_vmap", "shared_features_vmap",
+          "no_boxes", "negative_controls",
           "flat_form_sharded", "shard_map_per_image", "shard_map_flat", "export_sharded"]
 
 

@@ -340,3 +340,102 @@ def test_vmap_is_one_kernel_call(f_axis, r_axis):
     names = primitive_names(jax.make_jaxpr(grads)(features, rois).jaxpr)
     assert not {"scan", "while"} & set(names), names
 
+
+
+def primitive_eqns(jaxpr, name):
+    """The equations of primitive ``name`` in a jaxpr, recursively."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            found.append(eqn)
+        for value in eqn.params.values():
+            for sub in sub_jaxprs(value):
+                found.extend(primitive_eqns(sub, name))
+    return found
+
+
+def shared_problem(layout, form, seed=11):
+    """Features, the rois argument of ``form`` and the same RoIs as flat rows."""
+    rng = np.random.default_rng(seed)
+    features = random_features(rng, feature_shape(N, H, W, C, layout), np.float32, "ties")
+    if form == "flat":
+        rois = hard_rois(rng)
+        return features, rois, rois
+    boxes = random_rois(rng, N, H, W, N * 4, SCALE)[:, 1:].reshape(N, 4, 4)
+    flat = np.concatenate([np.repeat(np.arange(N, dtype=np.float32), 4)[:, None],
+                           boxes.reshape(-1, 4)], axis=1)
+    return features, boxes, flat
+
+
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_over_tangents_or_cotangents_alone(layout, form):
+    """Batched JVPs and VJPs (nested vmaps) at shared features: one gather or
+    scatter call that reads the features once (its source or gradient holds
+    the copies), with each element's values at the forward's argmax."""
+    features, rois, flat = shared_problem(layout, form)
+    _, arg = loop(features, flat, layout)
+    assert (arg >= 0).any() and (arg < 0).any()
+    f = lambda x: pool(x, rois, layout)[0]  # noqa: E731
+    out_shape = jax.eval_shape(f, features).shape
+    rng = np.random.default_rng(12)
+    b1, b2 = 2, 3
+    tangents = random_features(rng, (b1, b2) + features.shape, np.float32)
+    cotangents = rng.integers(-2, 3, (b1, b2) + out_shape).astype(np.float32)
+    pull = lambda c: jax.vjp(f, features)[1](c)[0]  # noqa: E731
+    push = lambda t: jax.jvp(f, (features,), (t,))[1]  # noqa: E731
+    for name, fn, batch in (("gather", push, tangents), ("scatter", pull, cotangents)):
+        batched = jax.vmap(jax.vmap(fn))
+        got = jax.jit(batched)(batch)
+        for i, j in np.ndindex(b1, b2):
+            if name == "gather":
+                want = np.where(arg >= 0, gather(batch[i, j], arg, layout), 0.0)
+                assert_exact(np.asarray(got[i, j]).reshape(arg.shape), want, name)
+            else:
+                cot = batch[i, j].reshape(arg.shape)
+                assert_exact(got[i, j], per_example_grad(features, flat, cot, layout), name)
+        prefix = "roi_pool_" if form == "flat" else "roi_pool_per_image_"
+        (eqn,) = primitive_eqns(jax.make_jaxpr(batched)(batch).jaxpr, prefix + name)
+        assert eqn.params["copies"] == b1 * b2, eqn.params
+        assert eqn.invars[1].aval.shape == features.shape  # not copied
+
+
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_of_batched_jvps_and_vjps(layout, form):
+    """An outer vmap over the features (each batch element its own copy of
+    them) or over the rois of a vmap over tangents or cotangents alone."""
+    features, rois, flat = shared_problem(layout, form, seed=13)
+    rng = np.random.default_rng(14)
+    b1, b2 = 2, 3
+    many = random_features(rng, (b1,) + features.shape, np.float32, "ties")
+    many_rois = np.stack([rois, shared_problem(layout, form, seed=15)[1]])
+    many_flat = np.stack([flat, shared_problem(layout, form, seed=15)[2]])
+    out_shape = jax.eval_shape(lambda x: pool(x, rois, layout)[0], features).shape
+    tangents = random_features(rng, (b1, b2) + features.shape, np.float32)
+    cotangents = rng.integers(-2, 3, (b1, b2) + out_shape).astype(np.float32)
+
+    def push(x, r, t):
+        return jax.vmap(lambda t: jax.jvp(lambda x: pool(x, r, layout)[0], (x,), (t,))[1])(t)
+
+    def pull(x, r, c):
+        back = jax.vjp(lambda x: pool(x, r, layout)[0], x)[1]
+        return jax.vmap(lambda c: back(c)[0])(c)
+
+    cases = {"features mapped": ((0, None, 0), (many, rois, None)),
+             "rois mapped": ((None, 0, 0), (features, many_rois, None))}
+    for what, (in_axes, (x, r, _)) in cases.items():
+        for name, fn, batch in (("gather", push, tangents), ("scatter", pull, cotangents)):
+            got = jax.jit(jax.vmap(fn, in_axes=in_axes))(x, r, batch)
+            for i, j in np.ndindex(b1, b2):
+                xi = x[i] if in_axes[0] == 0 else x
+                fi = many_flat[i] if in_axes[1] == 0 else flat
+                _, arg = loop(xi, fi, layout)
+                if name == "gather":
+                    want = np.where(arg >= 0, gather(batch[i, j], arg, layout), 0.0)
+                    assert_exact(np.asarray(got[i, j]).reshape(arg.shape), want,
+                                 f"{what}: {name}")
+                else:
+                    cot = batch[i, j].reshape(arg.shape)
+                    assert_exact(got[i, j], per_example_grad(xi, fi, cot, layout),
+                                 f"{what}: {name}")
