@@ -286,11 +286,12 @@ def bin_cells(arrays: dict, wl: Workload) -> int:
     rois = np.asarray(arrays["rois"], np.float32)
     scaled = rois[:, 1:] * np.float32(wl.spatial_scale)
     ph, pw = wl.output_size
-    y0, y1 = _axis_spans(scaled[:, 1], scaled[:, 3], ph, wl.h, "fast_rcnn")
-    x0, x1 = _axis_spans(scaled[:, 0], scaled[:, 2], pw, wl.w, "fast_rcnn")
+    y0, y1, y_fits = _axis_spans(scaled[:, 1], scaled[:, 3], ph, wl.h, "fast_rcnn")
+    x0, x1, x_fits = _axis_spans(scaled[:, 0], scaled[:, 2], pw, wl.w, "fast_rcnn")
     rows = np.maximum(np.asarray(y1) - np.asarray(y0), 0).sum(axis=1, dtype=np.int64)
     cols = np.maximum(np.asarray(x1) - np.asarray(x0), 0).sum(axis=1, dtype=np.int64)
-    return int((rows * cols).sum())
+    valid = np.asarray(y_fits & x_fits)  # the others' bins are empty
+    return int((rows * cols * valid).sum())
 
 
 def device_slug(name: str) -> str:
