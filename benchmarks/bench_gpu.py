@@ -141,12 +141,6 @@ class Env:
         return v
 
 
-def gpu_sync_jax(result):
-    import jax
-
-    return jax.block_until_ready(result)
-
-
 def is_oom(e: BaseException) -> bool:
     text = f"{type(e).__name__}: {e}"
     return any(w in text for w in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
