@@ -175,11 +175,12 @@ inline ffi::DataType accumulator_type(ffi::DataType t) {
 
 // Whether `dims` are those of a feature-shaped buffer holding copies of the
 // features' images (SourceImages): the features' dims, except for a
-// multiple of their N.
+// multiple of their N (none of no images).
 inline bool holds_copies(ffi::Span<const int64_t> dims, ffi::Span<const int64_t> features) {
-  if (dims.size() != features.size() || dims.size() == 0 || features[0] <= 0 ||
-      dims[0] <= 0 || dims[0] % features[0] != 0)
-    return false;
+  if (dims.size() != features.size() || dims.size() == 0) return false;
+  const bool whole_copies = features[0] == 0 ? dims[0] == 0
+                                             : dims[0] > 0 && dims[0] % features[0] == 0;
+  if (!whole_copies) return false;
   for (size_t i = 1; i < dims.size(); ++i)
     if (dims[i] != features[i]) return false;
   return true;
@@ -219,7 +220,8 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
   if (like_features[0] * f.h * f.w > INT32_MAX)
     return ffi::Error::InvalidArgument(
         "roi_pool: N * H * W of the copies must fit in int32 (argmax cell indices)");
-  call->images = SourceImages{int32_t(f.n), int32_t(like_features[0] / f.n), image_major == 1};
+  const int64_t copies = f.n == 0 ? 1 : like_features[0] / f.n;
+  call->images = SourceImages{int32_t(f.n), int32_t(copies), image_major == 1};
   return ffi::Error::Success();
 }
 

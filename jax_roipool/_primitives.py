@@ -123,7 +123,7 @@ def _result_specs(family, op, layout, operands, copies=1, image_major=False):
     if not family.per_image:
         return (None, None)
     sig = _sharding.signature(op, layout, copies=copies, image_major=image_major)
-    return _sharding.result_specs(sig, [getattr(a, "sharding", None) for a in operands])
+    return _sharding.result_specs(sig, operands)
 
 
 def _pooled_shape(features, rois, pooled, layout):
@@ -507,13 +507,17 @@ def _local_copies(features, boxes) -> int:
     return boxes.shape[0] // features.shape[0]
 
 
+# The bodies below take the whole call's copies and pool the block's own.
+
 def _per_image_gather(source, features, boxes, *, copies, **config):
+    del copies
     out = gather_p.bind(source, features, reference.per_image_rois(boxes),
                         copies=_local_copies(features, boxes), **config)
     return (out.reshape(boxes.shape[:2] + out.shape[1:]),)
 
 
 def _per_image_scatter(cotangent, features, boxes, *, copies, **config):
+    del copies
     return (scatter_p.bind(_merge(cotangent, 0), features, reference.per_image_rois(boxes),
                            copies=_local_copies(features, boxes), **config),)
 

@@ -90,7 +90,7 @@ def signature(op: str, layout: str, with_argmax: bool = True, *, copies: int = 1
                          frozenset("nkc"))
     keep = frozenset("nkc")
     like_features = features
-    if copies > 1:
+    if copies != 1:  # (a symbolic count of copies is not 1 either)
         # Each device takes a block of the major label, n or b: its images
         # with all their copies, or its copies of all the images; either way
         # it pools them from the features it holds.
@@ -118,26 +118,47 @@ def _axis_names(entry) -> tuple:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def choose_axes(sig: Signature, shardings) -> dict:
-    """Mesh axes of each shardable label: taken from the first operand that
-    shards it, unless those mesh axes are already in use by another label."""
+def _splits_evenly(size, sharding, names) -> bool:
+    """Whether mesh axes ``names`` split ``size`` into equal whole blocks."""
+    count = math.prod(sharding.mesh.shape[name] for name in names)
+    return isinstance(size, int) and size % count == 0
+
+
+def choose_axes(sig: Signature, operands) -> dict:
+    """Mesh axes of each shardable label: taken from the first operand (an
+    aval or a ShapeDtypeStruct-like ``.shape`` and ``.sharding``) that shards
+    it, unless those mesh axes are already in use by another label.
+
+    With copies of the images, a device's block of a compound dimension must
+    be whole copies of its own images: n is taken from the features' own N
+    only, and the major label of a compound dimension is sharded only where
+    the mesh axes split it evenly (N, or the copies)."""
+    sizes = {"b": sig.copies}
+    sizes["n"] = next(x.shape[0] for dims, x in zip(sig.operands, operands) if dims[0] == "n")
     axes, used = {}, set()
-    for dims, sharding in zip(sig.operands, shardings):
+    for dims, x in zip(sig.operands, operands):
+        sharding = getattr(x, "sharding", None)
         for label, entry in zip(dims, spec_entries(sharding, len(dims))):
-            label = _factors(label)[0]
+            factors = _factors(label)
+            label = factors[0]
             if label not in sig.keep or label in axes or entry is None:
+                continue
+            if len(factors) > 1 and label == "n":
                 continue
             names = set(_axis_names(entry))
             if names & used:
+                continue
+            if sig.copies != 1 and label in sizes and not _splits_evenly(sizes[label], sharding,
+                                                                          names):
                 continue
             axes[label] = entry
             used |= names
     return axes
 
 
-def result_specs(sig: Signature, shardings) -> tuple[PartitionSpec, ...]:
-    """PartitionSpecs of the results for operands sharded as ``shardings``."""
-    axes = choose_axes(sig, shardings)
+def result_specs(sig: Signature, operands) -> tuple[PartitionSpec, ...]:
+    """PartitionSpecs of the results for operands (avals) sharded as they are."""
+    axes = choose_axes(sig, operands)
     return tuple(PartitionSpec(*(axes.get(_factors(label)[0]) for label in dims))
                  for dims in sig.results)
 
@@ -179,9 +200,8 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
     wrapped = custom_partitioning(positional)
 
     def infer(mesh, arg_shapes, result_shape):
-        shardings = [a.sharding for a in arg_shapes]
-        mesh = _mesh_of(mesh, shardings)
-        axes = choose_axes(sig, shardings)
+        mesh = _mesh_of(mesh, [a.sharding for a in arg_shapes])
+        axes = choose_axes(sig, arg_shapes)
         return tuple(_named(mesh, dims, axes) for dims in sig.results)
 
     def propagate(mesh, user_shape):
@@ -196,9 +216,8 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
         return tuple(results)
 
     def partition(mesh, arg_shapes, result_shape):
-        shardings = [a.sharding for a in arg_shapes]
-        mesh = _mesh_of(mesh, shardings)
-        axes = choose_axes(sig, shardings)
+        mesh = _mesh_of(mesh, [a.sharding for a in arg_shapes])
+        axes = choose_axes(sig, arg_shapes)
         args = tuple(_named(mesh, dims, axes) for dims in sig.operands)
         results = tuple(_named(mesh, dims, axes) for dims in sig.results)
         return mesh, _without_ambient_mesh(body), results, args
@@ -207,7 +226,7 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
         partition, infer_sharding_from_operands=infer, propagate_user_sharding=propagate,
         sharding_rule=sig.shardy_rule(),
         need_replication_factors=sig.fixed_labels(),
-        **({"b": sig.copies} if sig.copies > 1 else {}))
+        **({"b": sig.copies} if sig.copies != 1 else {}))
     return wrapped
 
 

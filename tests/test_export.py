@@ -108,6 +108,33 @@ def test_shape_polymorphic_export(form, specs):
         np.testing.assert_array_equal(grad.call(f, r, cot), gradient("NHWC")(f, r, cot))
 
 
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+def test_export_of_batched_jvps_and_vjps_with_a_symbolic_batch(form):
+    """A vmap over tangents or cotangents alone, exported for any batch size:
+    the kernels take the batch as a symbolic count of copies of the images."""
+    features, rois = inputs(form, "NHWC", seed=6)
+    pool = lambda x: jrp.roi_pool(x, rois, POOLED, SCALE)  # noqa: E731
+    out_shape = jax.eval_shape(pool, features).shape
+
+    def jvps(f, t):
+        return jax.vmap(lambda t: jax.jvp(pool, (f,), (t,))[1])(t)
+
+    def vjps(f, c):
+        back = jax.vjp(pool, f)[1]
+        return jax.vmap(lambda c: back(c)[0])(c)
+
+    checks = export_safety_checks()
+    rng = np.random.default_rng(7)
+    for fn, shape in ((jvps, features.shape), (vjps, out_shape)):
+        spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b") + shape, np.float32)
+        exported = export_for_cpu(jax.jit(fn), disabled_checks=checks)(features, spec)
+        for b in (1, 3):
+            batch = rng.integers(-3, 4, (b,) + shape).astype(np.float32)
+            want = jax.jit(fn)(features, batch)
+            assert np.asarray(want).any()
+            np.testing.assert_array_equal(exported.call(features, batch), want)
+
+
 def test_symbolic_export_still_rejects_static_empty_dimensions():
     features = np.ones((2, 0, 11, 3), np.float32)
     args = jax.export.symbolic_args_specs((features, np.ones((3, 5), np.float32)),

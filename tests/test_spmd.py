@@ -314,6 +314,26 @@ def _child():
                                     "roipool_gather")
         # Each device: one copy (its batch element) of all the images.
         assert explicit and all(ops[0] == ops[1] == (N, H, W, C) for ops, _ in explicit)
+        # A 2-D mesh, 2 images on one axis, the batch on both or on the other:
+        # a device's block of the images' copies is then not whole copies of
+        # its own images. Right, though resharded.
+        put2 = putter(auto_mesh((2, 2), ("x", "y")))
+        features, boxes = features_for("NHWC", n=2), boxes_for(n=2)
+        tangents = rng.integers(-4, 5, (2,) + features.shape).astype(np.float32)
+        cotangents = rng.integers(-2, 3, (2, 2, K) + POOLED + (C,)).astype(np.float32)
+        fs2, bs2 = put2(features, P("x")), put2(boxes, P("x"))
+        previous = jax.config.jax_use_shardy_partitioner
+        try:
+            for shardy in (True, False):
+                jax.config.update("jax_use_shardy_partitioner", shardy)
+                for name, (fn, batch) in {"jvp": (jvps, tangents),
+                                          "vjp": (vjps, cotangents)}.items():
+                    want2 = jax.jit(fn)(features, boxes, batch)
+                    for spec in (P("y", "x"), P("y")):
+                        same(jax.jit(fn)(fs2, bs2, put2(batch, spec)), want2,
+                             f"{name}, 2-D mesh, {spec}, shardy {shardy}")
+        finally:
+            jax.config.update("jax_use_shardy_partitioner", previous)
         return {name: c[0][0] for name, c in calls.items()}
 
     @check
