@@ -280,9 +280,10 @@ def _unless_empty(primitive, rule):
     return batched
 
 
-def _fold_images(x, dim, size):
-    """Folds the mapped axis of a feature-shaped operand (or of a pooled one,
-    into R) batch-major: [B, N, ...] -> [B * N, ...], broadcasting an unmapped one."""
+def _fold_leading(x, dim, size):
+    """Folds the mapped axis into the leading one (N of a feature-shaped
+    operand, R of rois and pooled ones) batch-major: [B, N, ...] ->
+    [B * N, ...], broadcasting an unmapped operand."""
     return _merge(_to_front(x, dim, size), 0)
 
 
@@ -308,6 +309,13 @@ def _element_dims(features, dim, layout) -> tuple[int, int, int, int]:
     return _checks.feature_dims(shape, layout)
 
 
+def _shares_features(features_dim, copies, image_major, new_image_major) -> bool:
+    """Whether a batched gather or scatter can pool the features as they are:
+    they are not mapped, and the batch's copies of the images nest in the
+    order of those the call already has (any order where it has none)."""
+    return features_dim is None and (copies == 1 or image_major == new_image_major)
+
+
 def _own_copies(features, dim, size, copies, image_major):
     """Features [B, N * copies, ...]: every batch element's own copy of the
     images that a gather's source (a scatter's gradient) holds, in its order."""
@@ -325,10 +333,10 @@ def _roi_pool_batch(args, dims, *, with_argmax, **config):
     fold = dims[0] is not None
     if fold:
         n, h, w, _ = _element_dims(features, dims[0], config["layout"])
-        features = _fold_images(features, dims[0], size)
+        features = _fold_leading(features, dims[0], size)
         rois = _fold_rois(rois, dims[1], size, n, h * w)
     else:
-        rois = _fold_images(rois, dims[1], size)
+        rois = _fold_leading(rois, dims[1], size)
     out, argmax = roi_pool_p.bind(features, rois, with_argmax=with_argmax, **config)
     out = _split(out, 0, size, out.shape[0] // size)
     if not with_argmax:
@@ -346,7 +354,7 @@ def _argmax_op_batch(primitive, value_like_features):
     """Batching rule of the flat gather (``value_like_features``: its source is
     feature-shaped) or scatter (its cotangent is pooled; its result feature-shaped).
 
-    Only the rois mapped: the mapped axis goes into R. Otherwise every batch
+    Only a gather's rois mapped: the mapped axis goes into R. Otherwise every batch
     element has its own source (or gradient): the mapped axis goes into its
     images, batch-major, and each element's RoIs are re-indexed into them.
     Shared features are not copied: the kernel pools features image
@@ -358,17 +366,17 @@ def _argmax_op_batch(primitive, value_like_features):
         value, features, rois = args
         size = _batch_size(args, dims)
         if value_like_features and dims[0] is None and dims[1] is None:
-            out = primitive.bind(value, features, _fold_images(rois, dims[2], size),
+            out = primitive.bind(value, features, _fold_leading(rois, dims[2], size),
                                  copies=copies, image_major=image_major, **config)
             return _split(out, 0, size, out.shape[0] // size), 0
         n, h, w, _ = _element_dims(features, dims[1], config["layout"])
-        shared = dims[1] is None and (copies == 1 or not image_major)
+        shared = _shares_features(dims[1], copies, image_major, False)
         if not shared:
-            features = _fold_images(_own_copies(features, dims[1], size, copies, image_major),
+            features = _fold_leading(_own_copies(features, dims[1], size, copies, image_major),
                                     0, size)
         images = n * copies  # per batch element
         rois = _fold_rois(rois, dims[2], size, images, h * w)
-        out = primitive.bind(_fold_images(value, dims[0], size), features, rois,
+        out = primitive.bind(_fold_leading(value, dims[0], size), features, rois,
                              copies=copies * size if shared else 1, image_major=False, **config)
         return _split(out, 0, size, out.shape[0] // size), 0
 
@@ -468,9 +476,7 @@ def _per_image_argmax_op_batch(primitive, value_like_features):
             return how.split(primitive.bind(value, features, boxes, copies=copies,
                                             image_major=image_major, **config))
         batch_major = _batch_major(args[:2], dims[:2])
-        # Shared features serve as they are where the new copies nest in the
-        # same order as the ones the call already has.
-        shared = dims[1] is None and (copies == 1 or image_major != batch_major)
+        shared = _shares_features(dims[1], copies, image_major, not batch_major)
         boxes, how = _fold_per_image(boxes, dims[2], size, h * w, fold_images=True,
                                      batch_major=batch_major)
         if not shared:
