@@ -804,11 +804,11 @@ ffi::Error Gather(ffi::ThreadPool pool, ffi::AnyBuffer source,
                   ffi::AnyBuffer features, ffi::AnyBuffer rois,
                   ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> out,
                   int32_t pooled_h, int32_t pooled_w, double spatial_scale,
-                  int32_t layout, int32_t bins, int32_t image_major) {
+                  int32_t layout, int32_t bins) {
   PoolCall s;
   if (auto err = check_argmax_op_call(true, source, features, rois, order, out,
                                       features.element_type(), pooled_h,
-                                      pooled_w, layout, bins, image_major, &s);
+                                      pooled_w, layout, bins, &s);
       err.failure())
     return err;
   if (auto err = check_order_is_permutation(s); err.failure()) return err;
@@ -871,11 +871,11 @@ ffi::Error Scatter(ffi::ThreadPool pool, ffi::AnyBuffer cotangent,
                    ffi::AnyBuffer features, ffi::AnyBuffer rois,
                    ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> grad,
                    int32_t pooled_h, int32_t pooled_w, double spatial_scale,
-                   int32_t layout, int32_t bins, int32_t image_major) {
+                   int32_t layout, int32_t bins) {
   PoolCall s;
   if (auto err = check_argmax_op_call(false, cotangent, features, rois, order, grad,
                                       features.element_type(), pooled_h,
-                                      pooled_w, layout, bins, image_major, &s);
+                                      pooled_w, layout, bins, &s);
       err.failure())
     return err;
   if (auto err = check_order_is_permutation(s); err.failure()) return err;

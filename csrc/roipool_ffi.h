@@ -135,7 +135,7 @@ inline ffi::Error check_pool_call(const ffi::AnyBuffer& features,
     return ffi::Error::InvalidArgument(
         "roi_pool: N * H * W must fit in int32 (argmax cell indices)");
   call->p = PooledShape{rd[0], pooled_h, pooled_w, f.c};
-  call->images = SourceImages{int32_t(f.n), 1, false};
+  call->images = SourceImages{int32_t(f.n), 1};
   const auto od = order.dimensions();
   if (od.size() != 1 || (od[0] != 0 && od[0] != rd[0]))
     return ffi::Error::InvalidArgument("roi_pool: order must be [R] or [0]");
@@ -189,8 +189,8 @@ inline bool holds_copies(ffi::Span<const int64_t> dims, ffi::Span<const int64_t>
 // check_pool_call plus the operand and result of a gather (value like
 // features, result pooled) or a scatter (value pooled, result like
 // features); the value of the features' dtype, the result of result_type.
-// "Like features" holds copies of their images, in the order image_major
-// (0 or 1) names, with N * H * W of the copies within int32.
+// "Like features" holds copies of their images (SourceImages), with
+// N * H * W of the copies within int32.
 inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        const ffi::AnyBuffer& features,
                                        const ffi::AnyBuffer& rois,
@@ -199,15 +199,13 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
                                        ffi::DataType result_type,
                                        int32_t pooled_h, int32_t pooled_w,
                                        int32_t layout, int32_t bins,
-                                       int32_t image_major, PoolCall* call) {
+                                       PoolCall* call) {
   if (auto err = check_pool_call(features, rois, order, pooled_h, pooled_w,
                                  layout, bins, call);
       err.failure())
     return err;
   const auto pooled = gather ? result->dimensions() : value.dimensions();
   const auto like_features = gather ? value.dimensions() : result->dimensions();
-  if (image_major != 0 && image_major != 1)
-    return ffi::Error::InvalidArgument("roi_pool: image_major must be 0 or 1");
   if (!call->is_pooled(pooled, layout) ||
       !holds_copies(like_features, features.dimensions()) ||
       value.element_type() != features.element_type() ||
@@ -221,7 +219,7 @@ inline ffi::Error check_argmax_op_call(bool gather, const ffi::AnyBuffer& value,
     return ffi::Error::InvalidArgument(
         "roi_pool: N * H * W of the copies must fit in int32 (argmax cell indices)");
   const int64_t copies = f.n == 0 ? 1 : like_features[0] / f.n;
-  call->images = SourceImages{int32_t(f.n), int32_t(copies), image_major == 1};
+  call->images = SourceImages{int32_t(f.n), int32_t(copies)};
   return ffi::Error::Success();
 }
 
@@ -255,8 +253,7 @@ auto bind_forward(Binding binding) {
 // gather: (source, features, rois, order) -> source at each bin's argmax
 // cell, output-shaped; scatter: (cotangent, features, rois, order) -> the
 // cotangent added at each bin's argmax cell, features-shaped. The source
-// and the gradient may hold copies of the features' images (SourceImages),
-// image-major where the attribute image_major is 1.
+// and the gradient may hold copies of the features' images (SourceImages).
 template <typename Binding>
 auto bind_argmax_op(Binding binding) {
   return bind_pool_attrs(std::move(binding)
@@ -264,8 +261,7 @@ auto bind_argmax_op(Binding binding) {
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::AnyBuffer>()
                              .template Arg<ffi::Buffer<ffi::S32>>()
-                             .template Ret<ffi::AnyBuffer>())
-      .template Attr<int32_t>("image_major");
+                             .template Ret<ffi::AnyBuffer>());
 }
 
 }  // namespace roipool

@@ -64,23 +64,21 @@ struct RoiGrid {
 // The images a RoI's batch index may name, and which image of the features
 // each one pools. The forward pools the features' own N images. Gather and
 // scatter read or write a source (gradient) that may hold `copies` copies of
-// them, as a vmap over tangents or cotangents alone folds its batch into the
-// images without copying the features: copy-major, image = copy * N + n, or
-// image-major, image = n * copies + copy. Image i's bins take their cells
-// from features image features_image(i).
+// them, copy-major (image = copy * N + n), as a vmap over tangents or
+// cotangents alone folds its batch into the images without copying the
+// features. Image i's bins take their cells from features image
+// features_image(i).
 // The count fits int32 (with H * W, as argmax cells must), so the division
 // is 32-bit: on a GPU a 64-bit one takes a long instruction sequence.
 struct SourceImages {
   int32_t n;       // the features' images
   int32_t copies;  // >= 1
-  bool image_major;
 
   ROIPOOL_HD int64_t count() const { return int64_t(n) * copies; }
   // For 0 <= image < count().
   ROIPOOL_HD int64_t features_image(int64_t image) const {
     if (copies == 1) return image;
-    const uint32_t i = uint32_t(image);
-    return image_major ? i / uint32_t(copies) : i % uint32_t(n);
+    return uint32_t(image) % uint32_t(n);
   }
 };
 

@@ -54,14 +54,11 @@ def _check_cpu_isa_cap() -> None:
         raise ValueError(f"JAX_ROIPOOL_CPU_ISA={cap!r}: expected one of {CPU_ISAS}, or unset")
 
 
-def _pool_attrs(pooled, spatial_scale, layout, bins, image_major=None):
-    """The kernels' attributes; gather and scatter also take image_major."""
-    attrs = dict(pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
-                 spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
-                 bins=np.int32(BIN_CODES[bins]))
-    if image_major is not None:
-        attrs["image_major"] = np.int32(image_major)
-    return attrs
+def _pool_attrs(pooled, spatial_scale, layout, bins):
+    """The kernels' attributes."""
+    return dict(pooled_h=np.int32(pooled[0]), pooled_w=np.int32(pooled[1]),
+                spatial_scale=np.float64(spatial_scale), layout=np.int32(LAYOUT_CODES[layout]),
+                bins=np.int32(BIN_CODES[bins]))
 
 
 # Features of this many bytes or more are pooled with their RoIs in

@@ -11,12 +11,15 @@ Two families of three primitives each:
   cotangent; gather and scatter are each other's transpose.
 Together these give grad, jvp, jacfwd/jacrev, hessian and higher orders.
 
-Gather and scatter also take ``copies`` and ``image_major``: their source
-(gradient) may hold ``copies`` copies of the features' images, copy-major
-(image ``copy * N + n``) or image-major (``n * copies + copy``), a RoI
-naming image i of the source and pooling image n of the features. That is
-how a vmap over tangents or cotangents alone (jacfwd, jacrev, batched
-JVPs and VJPs) folds its batch without copying the features it shares.
+Gather and scatter also take ``copies``: their source (gradient) may hold
+``copies`` copies of the features' images, a RoI naming image i of the
+source and pooling image n of the features. In the flat family the copies
+are folded into the images, copy-major (image ``copy * N + n``); in the
+per-image family they are a leading axis of the source (gradient), boxes
+and pooled values, ``[copies, N, ...]``, which any mesh axes may shard
+beside N. That is how a vmap over tangents or cotangents alone (jacfwd,
+jacrev, batched JVPs and VJPs) batches without copying the features it
+shares.
 
 Gather and scatter take the forward's operands instead of its argmax and
 recompute the argmax inside the kernel: a stored argmax would be as large as
@@ -119,10 +122,10 @@ def _result_aval(shape, dtype, operands, spec=None):
                        sharding=sharding)
 
 
-def _result_specs(family, op, layout, operands, copies=1, image_major=False):
+def _result_specs(family, op, layout, operands, copies=1):
     if not family.per_image:
         return (None, None)
-    sig = _sharding.signature(op, layout, copies=copies, image_major=image_major)
+    sig = _sharding.signature(op, layout, copies_axis=copies != 1)
     return _sharding.result_specs(sig, operands)
 
 
@@ -143,19 +146,23 @@ def _roi_pool_abstract(family, features, rois, *, pooled, spatial_scale, layout,
     return out, _result_aval(shape, np.int32, operands, specs[1])
 
 
-def _gather_abstract(family, source, features, rois, *, pooled, layout, copies, image_major,
-                     **_):
+def _gather_abstract(family, source, features, rois, *, pooled, layout, copies, **_):
     operands = (source, features, rois)
-    spec = _result_specs(family, "gather", layout, operands, copies, image_major)[0]
+    spec = _result_specs(family, "gather", layout, operands, copies)[0]
     return _result_aval(_pooled_shape(features, rois, pooled, layout), source.dtype, operands,
                         spec)
 
 
-def _scatter_abstract(family, cotangent, features, rois, *, layout, copies, image_major, **_):
+def _scatter_abstract(family, cotangent, features, rois, *, layout, copies, **_):
     operands = (cotangent, features, rois)
-    spec = _result_specs(family, "scatter", layout, operands, copies, image_major)[0]
-    shape = (features.shape[0] * copies,) + tuple(features.shape[1:])
-    return _result_aval(shape, cotangent.dtype, operands, spec)
+    spec = _result_specs(family, "scatter", layout, operands, copies)[0]
+    if copies == 1:
+        shape = features.shape
+    elif family.per_image:
+        shape = (copies,) + features.shape
+    else:
+        shape = (features.shape[0] * copies,) + features.shape[1:]
+    return _result_aval(tuple(shape), cotangent.dtype, operands, spec)
 
 
 # ---------------------------------------------------------------------------
@@ -172,8 +179,7 @@ def _roi_pool_jvp(family, primals, tangents, *, with_argmax, **config):
     if type(features_dot) is ad.Zero:
         out_dot = _zero_like(out)
     else:
-        out_dot = family.gather.bind(features_dot, features, rois, copies=1, image_major=False,
-                                     **config)
+        out_dot = family.gather.bind(features_dot, features, rois, copies=1, **config)
     return (out, argmax), (out_dot, _zero_like(argmax))
 
 
@@ -309,21 +315,12 @@ def _element_dims(features, dim, layout) -> tuple[int, int, int, int]:
     return _checks.feature_dims(shape, layout)
 
 
-def _shares_features(features_dim, copies, image_major, new_image_major) -> bool:
-    """Whether a batched gather or scatter can pool the features as they are:
-    they are not mapped, and the batch's copies of the images nest in the
-    order of those the call already has (any order where it has none)."""
-    return features_dim is None and (copies == 1 or image_major == new_image_major)
-
-
-def _own_copies(features, dim, size, copies, image_major):
+def _own_copies(features, dim, size, copies):
     """Features [B, N * copies, ...]: every batch element's own copy of the
-    images that a gather's source (a scatter's gradient) holds, in its order."""
+    images that a gather's source (a scatter's gradient) holds, copy-major."""
     features = _to_front(features, dim, size)
     if copies == 1:
         return features
-    if image_major:
-        return jnp.repeat(features, copies, axis=1)
     return jnp.tile(features, (1, copies) + (1,) * (features.ndim - 2))
 
 
@@ -358,26 +355,24 @@ def _argmax_op_batch(primitive, value_like_features):
     element has its own source (or gradient): the mapped axis goes into its
     images, batch-major, and each element's RoIs are re-indexed into them.
     Shared features are not copied: the kernel pools features image
-    ``i % N`` for image i (copies, copy-major). Mapped features, or shared
-    ones of an image-major call (which no flat batching makes), are
-    folded alike, each element with its own copy."""
+    ``i % N`` for image i (copies, copy-major). Mapped features are folded
+    alike, each element with its own copy."""
 
-    def rule(args, dims, *, copies, image_major, **config):
+    def rule(args, dims, *, copies, **config):
         value, features, rois = args
         size = _batch_size(args, dims)
         if value_like_features and dims[0] is None and dims[1] is None:
             out = primitive.bind(value, features, _fold_leading(rois, dims[2], size),
-                                 copies=copies, image_major=image_major, **config)
+                                 copies=copies, **config)
             return _split(out, 0, size, out.shape[0] // size), 0
         n, h, w, _ = _element_dims(features, dims[1], config["layout"])
-        shared = _shares_features(dims[1], copies, image_major, False)
+        shared = dims[1] is None
         if not shared:
-            features = _fold_leading(_own_copies(features, dims[1], size, copies, image_major),
-                                    0, size)
+            features = _fold_leading(_own_copies(features, dims[1], size, copies), 0, size)
         images = n * copies  # per batch element
         rois = _fold_rois(rois, dims[2], size, images, h * w)
         out = primitive.bind(_fold_leading(value, dims[0], size), features, rois,
-                             copies=copies * size if shared else 1, image_major=False, **config)
+                             copies=copies * size if shared else 1, **config)
         return _split(out, 0, size, out.shape[0] // size), 0
 
     return rule
@@ -385,11 +380,12 @@ def _argmax_op_batch(primitive, value_like_features):
 
 # ---------------------------------------------------------------------------
 # Batching of the per-image family: no index offsets (the argmax is
-# image-local). Mapped images are folded image-major, [N, B, ...] ->
-# [N * B, ...], which keeps a sharded N sharded alike, or batch-major where
-# only the mapped axis is sharded in the types (explicit mesh axes), which
-# keeps that one sharded. Shared (unmapped) images take the mapped axis into
-# the box axis K instead, copying no features.
+# image-local). Shared (unmapped) images take the mapped axis into the box
+# axis K, or, where every batch element has its own gather source (scatter
+# gradient), into the copies axis; neither copies features. Mapped images
+# are folded image-major, [N, B, ...] -> [N * B, ...], which keeps a
+# sharded N sharded alike, or batch-major where only the mapped axis is
+# sharded in the types (explicit mesh axes), which keeps that one sharded.
 
 def _to_second(x, dim, size):
     """Moves the mapped axis to position 1, broadcasting an unmapped operand."""
@@ -410,27 +406,28 @@ def _batch_major(operands, dims) -> bool:
     return False
 
 
+def _boxes_into_k(boxes, dim):
+    """Shared images: the boxes' mapped axis goes into their K, ahead of it,
+    [..., N, B, K, 4] -> [..., N, B * K, 4]. Returns the boxes and the split
+    of a result: result -> (it with the batch axis split out, batch dim)."""
+    k = boxes.ndim - 3  # the element's K axis
+    boxes = jnp.moveaxis(boxes, dim, k)
+    lead = boxes.shape[k:k + 2]
+    return _merge(boxes, k), lambda r: (_split(r, k, *lead), k)
+
+
 class _PerImageFold(NamedTuple):
     """How a batched per-image call was folded into one unbatched call."""
-    fold: Callable | None  # (operand, its mapped dim) -> it folded like the images
-    split: Callable        # result -> (result with the batch axis split out, batch dim)
+    fold: Callable   # (operand, its mapped dim) -> it folded like the images
+    split: Callable  # result -> (result with the batch axis split out, batch dim)
 
 
-def _fold_per_image(boxes, boxes_dim, size, plane, *, fold_images, batch_major=False):
+def _fold_per_image(boxes, boxes_dim, size, plane, *, batch_major):
     """(boxes, _PerImageFold): the per-image counterpart of ``_fold_rois``.
-
-    ``fold_images``: the mapped axis goes into N of the boxes, which counts
-    the images they name, ahead of it if ``batch_major`` (see
-    ``_batch_major``); ``fold`` folds the operands with images (features,
-    a source, a cotangent) alike. The folded images' cells must fit the int32
-    argmax (``plane`` = H * W). Otherwise the images are shared and the
-    mapped axis goes into K, where nothing else needs folding (``fold`` is
-    None: a scatter always folds, as each batch element has its own gradient).
-    """
-    if not fold_images:  # shared images: [N, B, K, 4] -> [N, B * K, 4] boxes
-        boxes = _to_second(boxes, boxes_dim, size)
-        lead = boxes.shape[1:3]
-        return _merge(boxes, 1), _PerImageFold(None, lambda r: (_split(r, 1, *lead), 1))
+    The mapped axis goes into N of the boxes, which counts the images they
+    name, ahead of it if ``batch_major`` (see ``_batch_major``); ``fold``
+    folds the operands with images (features, a source, a cotangent) alike.
+    The folded images' cells must fit the int32 argmax (``plane`` = H * W)."""
     move = _to_front if batch_major else _to_second
 
     def fold(x, dim):
@@ -446,45 +443,75 @@ def _fold_per_image(boxes, boxes_dim, size, plane, *, fold_images, batch_major=F
 
 def _per_image_batch(args, dims, *, with_argmax, **config):
     features, boxes = args
-    size = _batch_size(args, dims)
-    _, h, w, _ = _element_dims(features, dims[0], config["layout"])
-    boxes, how = _fold_per_image(boxes, dims[1], size, h * w, fold_images=dims[0] is not None,
-                                 batch_major=_batch_major(args[:1], dims[:1]))
-    if how.fold:
-        features = how.fold(features, dims[0])
+    if dims[0] is None:
+        boxes, split = _boxes_into_k(boxes, dims[1])
+    else:
+        size = _batch_size(args, dims)
+        _, h, w, _ = _element_dims(features, dims[0], config["layout"])
+        boxes, how = _fold_per_image(boxes, dims[1], size, h * w,
+                                     batch_major=_batch_major(args[:1], dims[:1]))
+        features, split = how.fold(features, dims[0]), how.split
     out, argmax = per_image_p.bind(features, boxes, with_argmax=with_argmax, **config)
-    out, out_dim = how.split(out)
+    out, out_dim = split(out)
     if not with_argmax:
         return (out, argmax), (out_dim, None)
-    return (out, how.split(argmax)[0]), (out_dim, out_dim)
+    return (out, split(argmax)[0]), (out_dim, out_dim)
+
+
+def _batch_into_copies(primitive, value, value_dim, features, boxes, boxes_dim, size, copies,
+                       config):
+    """A per-image gather or scatter at shared images for a batch of sources
+    (cotangents): the mapped axis becomes the copies axis, ahead of the
+    copies the call has, [B, C, N, ...] -> [B * C, N, ...]."""
+    value, boxes = _to_front(value, value_dim, size), _to_front(boxes, boxes_dim, size)
+    if copies == 1 and size == 1:  # one copy: no copies axis
+        return primitive.bind(value[0], features, boxes[0], copies=1, **config)[None], 0
+    if copies != 1:
+        value, boxes = _merge(value, 0), _merge(boxes, 0)
+    _, h, w, _ = _checks.feature_dims(features.shape, config["layout"])
+    images = boxes.shape[0] * boxes.shape[1]
+    _checks.check_cell_count(images, h * w)
+    _checks.check_image_count(boxes.dtype, images)
+    out = primitive.bind(value, features, boxes, copies=copies * size, **config)
+    return (out if copies == 1 else _split(out, 0, size, copies)), 0
 
 
 def _per_image_argmax_op_batch(primitive, value_like_features):
     """Batching rule of the per-image gather (``value_like_features``) or
-    scatter, as ``_argmax_op_batch`` for the flat ones: shared images (source
-    and features) take the mapped axis into K; otherwise it goes into the
-    images of the source (gradient) and of the boxes, image-major (copies
-    image-major: features image ``i // copies``) or, where ``_batch_major``,
-    batch-major (copy-major: ``i % N``), without copying shared features."""
+    scatter, as ``_argmax_op_batch`` for the flat ones. Shared images: a
+    shared gather source too takes the mapped axis into K, otherwise it goes
+    into the copies axis. Mapped images: the call's copies become images of
+    each batch element, which pools its own copies of its features, folded
+    as in the forward."""
 
-    def rule(args, dims, *, copies, image_major, **config):
+    def rule(args, dims, *, copies, **config):
         value, features, boxes = args
         size = _batch_size(args, dims)
-        _, h, w, _ = _element_dims(features, dims[1], config["layout"])
-        if value_like_features and dims[0] is None and dims[1] is None:
-            boxes, how = _fold_per_image(boxes, dims[2], size, h * w, fold_images=False)
-            return how.split(primitive.bind(value, features, boxes, copies=copies,
-                                            image_major=image_major, **config))
-        batch_major = _batch_major(args[:2], dims[:2])
-        shared = _shares_features(dims[1], copies, image_major, not batch_major)
-        boxes, how = _fold_per_image(boxes, dims[2], size, h * w, fold_images=True,
-                                     batch_major=batch_major)
-        if not shared:
-            features = how.fold(_own_copies(features, dims[1], size, copies, image_major), 0)
-        out = primitive.bind(how.fold(value, dims[0]), features, boxes,
-                             copies=copies * size if shared else 1,
-                             image_major=shared and not batch_major, **config)
-        return how.split(out)
+        if dims[1] is None:
+            if value_like_features and dims[0] is None:
+                boxes, split = _boxes_into_k(boxes, dims[2])
+                return split(primitive.bind(value, features, boxes, copies=copies, **config))
+            return _batch_into_copies(primitive, value, dims[0], features, boxes, dims[2], size,
+                                      copies, config)
+        value_dim, boxes_dim = dims[0], dims[2]
+        if copies != 1:  # [B, C, N, ...] -> [B, C * N, ...]
+            value, boxes = (_merge(_to_front(x, d, size), 1)
+                            for x, d in ((value, value_dim), (boxes, boxes_dim)))
+            value_dim = boxes_dim = 0
+        features = _own_copies(features, dims[1], size, copies)
+        _, h, w, _ = _element_dims(features, 0, config["layout"])
+        boxes, how = _fold_per_image(boxes, boxes_dim, size, h * w,
+                                     batch_major=_batch_major((value, features), (value_dim, 0)))
+        out = primitive.bind(how.fold(value, value_dim), how.fold(features, 0), boxes, copies=1,
+                             **config)
+        out, out_dim = how.split(out)
+        if copies == 1:
+            return out, out_dim
+        # The element's images back into [C, N, ...]; an image-major result
+        # [C * N, B, ...] has its batch axis at 2 then.
+        images_at = 1 - out_dim
+        out = _split(out, images_at, copies, out.shape[images_at] // copies)
+        return out, 2 if out_dim == 1 else 0
 
     return rule
 
@@ -506,26 +533,29 @@ def _per_image_forward(features, boxes, *, with_argmax, **config):
                                           config["layout"])
 
 
-def _local_copies(features, boxes) -> int:
-    """Copies of the images that this block of a gather's source (a scatter's
-    gradient) holds: with copy-major copies split across devices, each holds
-    some of them."""
-    return boxes.shape[0] // features.shape[0]
+def _fold_copies(x, copies):
+    """A per-image gather's source or boxes without its copies axis:
+    [copies, N, ...] -> [copies * N, ...], this block's copies of its
+    images, copy-major."""
+    return x if copies == 1 else x.reshape((-1,) + x.shape[2:])
 
 
-# The bodies below take the whole call's copies and pool the block's own.
+# The bodies below see the block's own copies (the leading axis, if any).
 
 def _per_image_gather(source, features, boxes, *, copies, **config):
-    del copies
-    out = gather_p.bind(source, features, reference.per_image_rois(boxes),
-                        copies=_local_copies(features, boxes), **config)
-    return (out.reshape(boxes.shape[:2] + out.shape[1:]),)
+    local = source.shape[0] if copies != 1 else 1
+    out = gather_p.bind(_fold_copies(source, copies), features,
+                        reference.per_image_rois(_fold_copies(boxes, copies)), copies=local,
+                        **config)
+    return (out.reshape(boxes.shape[:-1] + out.shape[1:]),)
 
 
 def _per_image_scatter(cotangent, features, boxes, *, copies, **config):
-    del copies
-    return (scatter_p.bind(_merge(cotangent, 0), features, reference.per_image_rois(boxes),
-                           copies=_local_copies(features, boxes), **config),)
+    local = boxes.shape[0] if copies != 1 else 1
+    pooled = cotangent.reshape((-1,) + cotangent.shape[boxes.ndim - 1:])
+    grad = scatter_p.bind(pooled, features, reference.per_image_rois(_fold_copies(boxes, copies)),
+                          copies=local, **config)
+    return (grad.reshape(boxes.shape[:-3] + features.shape),)
 
 
 def plain_aval(aval):
@@ -539,8 +569,7 @@ def _per_image_rule(op, body, multiple_results):
     def rule(ctx, *args, **params):
         with_argmax = params.get("with_argmax", True)
         sig = _sharding.signature(op, params["layout"], with_argmax,
-                                  copies=params.get("copies", 1),
-                                  image_major=params.get("image_major", False))
+                                  copies_axis=params.get("copies", 1) != 1)
         fn = _sharding.maybe_partitioned(ctx, functools.partial(body, **params), sig)
 
         def lowered(*args):

@@ -33,34 +33,26 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec, use_abstract_mesh
 
 # Dimension labels: n image, k box, c channel, h/w feature rows/columns,
-# i/j pooled rows/columns, d box coordinate, b copy of the images (a gather's
-# source, a scatter's gradient and their boxes may hold several: the
-# compound dimension "(n b)", image-major, or "(b n)", copy-major).
-
-
-def _factors(label: str) -> list[str]:
-    """The labels of a dimension, major first: "(n b)" -> ["n", "b"]."""
-    return label.strip("()").split()
+# i/j pooled rows/columns, d box coordinate, b copy of the images (a leading
+# axis of a gather's source, a scatter's gradient and their boxes, where
+# they hold several copies of the features' images).
 
 
 class Signature(NamedTuple):
     """Dimension labels of the operands and results of one per-image call.
 
     Labels in ``keep`` may be sharded (each shard is computed independently);
-    all others must be whole on every device. Only the major label of a
-    compound dimension is in ``keep``: its sharding is that dimension's.
+    all others must be whole on every device.
     """
 
     operands: tuple[tuple[str, ...], ...]
     results: tuple[tuple[str, ...], ...]
     keep: frozenset[str]
-    copies: int = 1  # the size of label b
 
     def fixed_labels(self) -> tuple[str, ...]:
         """Labels that must not be sharded, in order of first appearance
         (Shardy wants its special factors sorted by factor index)."""
-        labels = [f for dims in self.operands + self.results for label in dims
-                  for f in _factors(label)]
+        labels = [label for dims in self.operands + self.results for label in dims]
         return tuple(dict.fromkeys(label for label in labels if label not in self.keep))
 
     def shardy_rule(self) -> str:
@@ -70,39 +62,29 @@ class Signature(NamedTuple):
         return f"{side(self.operands)} -> {side(self.results)}"
 
 
-def signature(op: str, layout: str, with_argmax: bool = True, *, copies: int = 1,
-              image_major: bool = False) -> Signature:
+def signature(op: str, layout: str, with_argmax: bool = True, *,
+              copies_axis: bool = False) -> Signature:
     """op: "forward" (features, boxes) -> (out[, argmax]); "gather" (source,
     features, boxes) -> values; "scatter" (cotangent, features, boxes) ->
-    features-shaped sum. A gather's source or a scatter's gradient (and the
-    boxes, which name their images) may hold ``copies`` copies of the
-    features' images, image-major or copy-major."""
-
-    def labelled(images):
-        features = (images, "h", "w", "c") if layout == "NHWC" else (images, "c", "h", "w")
-        pooled = ((images, "k", "i", "j", "c") if layout == "NHWC" else
-                  (images, "k", "c", "i", "j"))
-        return features, pooled, (images, "k", "d")
-
-    features, pooled, boxes = labelled("n")
+    features-shaped sum. With ``copies_axis``, a gather's source or a
+    scatter's gradient, and the boxes and pooled values, have a leading axis
+    of copies of the features' images: each device pools its block of the
+    copies of its block of the images."""
+    features = ("n", "h", "w", "c") if layout == "NHWC" else ("n", "c", "h", "w")
+    pooled = ("n", "k", "i", "j", "c") if layout == "NHWC" else ("n", "k", "c", "i", "j")
+    boxes = ("n", "k", "d")
     if op == "forward":
         return Signature((features, boxes), (pooled, pooled)[:1 + with_argmax],
                          frozenset("nkc"))
-    keep = frozenset("nkc")
     like_features = features
-    if copies != 1:  # (a symbolic count of copies is not 1 either)
-        # Each device takes a block of the major label, n or b: its images
-        # with all their copies, or its copies of all the images; either way
-        # it pools them from the features it holds.
-        major = "n" if image_major else "b"
-        keep = keep - {"n"} | {major}
-        like_features, pooled, boxes = labelled("(n b)" if image_major else "(b n)")
+    if copies_axis:
+        like_features, pooled, boxes = (("b",) + dims for dims in (features, pooled, boxes))
     if op == "gather":
-        return Signature((like_features, features, boxes), (pooled,), keep, copies)
+        return Signature((like_features, features, boxes), (pooled,), frozenset("bnkc"))
     if op == "scatter":
         # Boxes of one image add into the same cells: sharding k would need a
         # sum across devices, so k is gathered instead (it is small).
-        return Signature((pooled, features, boxes), (like_features,), keep - {"k"}, copies)
+        return Signature((pooled, features, boxes), (like_features,), frozenset("bnc"))
     raise ValueError(op)
 
 
@@ -119,37 +101,25 @@ def _axis_names(entry) -> tuple:
 
 
 def _splits_evenly(size, sharding, names) -> bool:
-    """Whether mesh axes ``names`` split ``size`` into equal whole blocks."""
+    """Whether mesh axes ``names`` split ``size`` into equal blocks (assumed
+    for a symbolic size)."""
     count = math.prod(sharding.mesh.shape[name] for name in names)
-    return isinstance(size, int) and size % count == 0
+    return not isinstance(size, int) or size % count == 0
 
 
 def choose_axes(sig: Signature, operands) -> dict:
     """Mesh axes of each shardable label: taken from the first operand (an
     aval or a ShapeDtypeStruct-like ``.shape`` and ``.sharding``) that shards
-    it, unless those mesh axes are already in use by another label.
-
-    With copies of the images, a device's block of a compound dimension must
-    be whole copies of its own images: n is taken from the features' own N
-    only, and the major label of a compound dimension is sharded only where
-    the mesh axes split it evenly (N, or the copies)."""
-    sizes = {"b": sig.copies}
-    sizes["n"] = next(x.shape[0] for dims, x in zip(sig.operands, operands) if dims[0] == "n")
+    it evenly, unless those mesh axes are already in use by another label.
+    (An uneven split would give the body blocks of unequal shapes.)"""
     axes, used = {}, set()
     for dims, x in zip(sig.operands, operands):
         sharding = getattr(x, "sharding", None)
-        for label, entry in zip(dims, spec_entries(sharding, len(dims))):
-            factors = _factors(label)
-            label = factors[0]
+        for label, size, entry in zip(dims, x.shape, spec_entries(sharding, len(dims))):
             if label not in sig.keep or label in axes or entry is None:
                 continue
-            if len(factors) > 1 and label == "n":
-                continue
             names = set(_axis_names(entry))
-            if names & used:
-                continue
-            if sig.copies != 1 and label in sizes and not _splits_evenly(sizes[label], sharding,
-                                                                          names):
+            if names & used or not _splits_evenly(size, sharding, names):
                 continue
             axes[label] = entry
             used |= names
@@ -159,12 +129,12 @@ def choose_axes(sig: Signature, operands) -> dict:
 def result_specs(sig: Signature, operands) -> tuple[PartitionSpec, ...]:
     """PartitionSpecs of the results for operands (avals) sharded as they are."""
     axes = choose_axes(sig, operands)
-    return tuple(PartitionSpec(*(axes.get(_factors(label)[0]) for label in dims))
+    return tuple(PartitionSpec(*(axes.get(label) for label in dims))
                  for dims in sig.results)
 
 
 def _named(mesh, dims, axes) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(*(axes.get(_factors(label)[0]) for label in dims)))
+    return NamedSharding(mesh, PartitionSpec(*(axes.get(label) for label in dims)))
 
 
 def _mesh_of(mesh, shardings):
@@ -210,7 +180,7 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
         for dims, shape in zip(sig.results, user_shape):
             mesh_ = _mesh_of(mesh, [shape.sharding])
             entries = spec_entries(shape.sharding, len(dims))
-            spec = [e if _factors(label)[0] in sig.keep else None
+            spec = [e if label in sig.keep else None
                     for label, e in zip(dims, entries)]
             results.append(NamedSharding(mesh_, PartitionSpec(*spec)))
         return tuple(results)
@@ -225,8 +195,7 @@ def partitioned(body: Callable, sig: Signature) -> Callable:
     wrapped.def_partition(
         partition, infer_sharding_from_operands=infer, propagate_user_sharding=propagate,
         sharding_rule=sig.shardy_rule(),
-        need_replication_factors=sig.fixed_labels(),
-        **({"b": sig.copies} if sig.copies != 1 else {}))
+        need_replication_factors=sig.fixed_labels())
     return wrapped
 
 

@@ -221,11 +221,11 @@ def _cell_index(argmax, features_shape, layout: str):
     return image, lax.broadcasted_iota(jnp.int32, argmax.shape, 1), row, col
 
 
-def _source_argmax(features, rois, copies: int, image_major: bool, config):
+def _source_argmax(features, rois, copies: int, config):
     """The forward's argmax of every output element as cells of the images of
     a gather's source (a scatter's gradient), which may hold ``copies`` copies
     of the features' images (see ``_primitives``): a RoI naming image i of
-    them pools image ``i // copies`` (image-major) or ``i % N`` of the features."""
+    them pools image ``i % N`` of the features."""
     if copies == 1:
         return forward(features, rois, **config)[1]
     n, h, w, _ = _checks.feature_dims(features.shape, config["layout"])
@@ -233,28 +233,28 @@ def _source_argmax(features, rois, copies: int, image_major: bool, config):
     in_range = (b > -1) & (b < 2.0**31)  # as forward: truncated, compared as an integer
     image = jnp.where(in_range, b, 0).astype(jnp.int32)
     valid = in_range & (image < n * copies)
-    pooled = image // copies if image_major else image % n
+    pooled = image % n
     rois = rois.at[:, 0].set(jnp.where(valid, pooled, -1).astype(rois.dtype))
     argmax = forward(features, rois, **config)[1]
     shift = ((image - pooled) * (h * w)).reshape((-1, 1, 1, 1))
     return jnp.where(argmax >= 0, argmax + shift, -1)
 
 
-def gather(source, features, rois, *, copies=1, image_major=False, **config):
+def gather(source, features, rois, *, copies=1, **config):
     """``source`` (shaped like the features, or holding ``copies`` copies of
     their images) at the forward's argmax cell of every output element, 0
     for an empty bin: the forward's JVP tangent."""
-    argmax = _source_argmax(features, rois, copies, image_major, config)
+    argmax = _source_argmax(features, rois, copies, config)
     values = source[_cell_index(argmax, source.shape, config["layout"])]
     return jnp.where(argmax >= 0, values, jnp.zeros((), source.dtype))
 
 
-def scatter(cotangent, features, rois, *, copies=1, image_major=False, **config):
+def scatter(cotangent, features, rois, *, copies=1, **config):
     """Scatter-add of the cotangent at the forward's argmax cells (transpose of
     gather) into a gradient shaped like the features, or holding ``copies``
     copies of their images; summed in float32 for 16-bit cotangents (as the
     kernels) and rounded once."""
-    argmax = _source_argmax(features, rois, copies, image_major, config)
+    argmax = _source_argmax(features, rois, copies, config)
     acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
     updates = jnp.where(argmax >= 0, cotangent, 0).astype(acc_dtype)
     shape = (features.shape[0] * copies,) + features.shape[1:]

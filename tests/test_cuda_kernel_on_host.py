@@ -68,7 +68,7 @@ def kernel(request, tmp_path_factory):
     lib = ctypes.CDLL(library)
     fn = lib.emulate_pool_kernel
     fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_int32] * 9 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+    fn.argtypes = ([ctypes.c_int32] * 8 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                            ctypes.c_int32, ctypes.c_double]
                    + [ctypes.c_void_p] * 6)
     lib.channels_per_thread = request.param
@@ -102,12 +102,12 @@ def test_launch_grid_covers_every_task_once(kernel, rois, c, pooled):
 
 
 def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, order=None,
-            with_argmax=True, copies=1, image_major=False):
+            with_argmax=True, copies=1):
     """The kernel's results as numpy arrays: (out, argmax) for the forward
     (argmax None, and a null pointer to the kernel, without ``with_argmax``),
     out for gather, the (float32 for 16-bit) accumulator for scatter; RoIs
     pooled in ``order`` (int32 indices) or their own. A gather's source (a
-    scatter's gradient) holds ``copies`` copies of the images, image-major or not."""
+    scatter's gradient) holds ``copies`` copies of the images, copy-major."""
     n, h, w, c = (features.shape if layout == "NHWC" else
                   (features.shape[0], features.shape[2], features.shape[3], features.shape[1]))
     pooled_shape = feature_shape(len(rois), pooled[0], pooled[1], c, layout)
@@ -124,7 +124,7 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, orde
     pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = kernel.emulate_pool_kernel(
         OPS[op], LAYOUTS.index(layout), _native.BIN_CODES[bins], DTYPE_CODES[dtype.name], n,
-        copies, int(image_major), h, w, c, len(rois), pooled[0], pooled[1], scale,
+        copies, h, w, c, len(rois), pooled[0], pooled[1], scale,
         pointer(features), pointer(rois), pointer(order), pointer(value), pointer(out),
         pointer(argmax))
     assert status == 0
@@ -231,10 +231,9 @@ def test_pooling_order_changes_no_result(kernel, layout):
     assert_bitwise(out[~skipped], want_out[~skipped], "forward output, other RoIs")
 
 
-@pytest.mark.parametrize("image_major", [False, True], ids=["copy-major", "image-major"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=dtype_id)
-def test_cuda_kernel_copies_of_the_images_match_cpu(kernel, dtype, layout, image_major):
+def test_cuda_kernel_copies_of_the_images_match_cpu(kernel, dtype, layout):
     # A gather's source or a scatter's gradient holding copies of the images
     # (a vmap over tangents or cotangents alone): RoIs name images of the
     # copies, batch indices out of their range included.
@@ -246,9 +245,9 @@ def test_cuda_kernel_copies_of_the_images_match_cpu(kernel, dtype, layout, image
                               if layout == "NHWC" else features.shape[1], layout)
     cotangent = rng.integers(-2, 3, out_shape).astype(dtype)
     config = dict(pooled=pooled, spatial_scale=scale, layout=layout, bins="fast_rcnn",
-                  copies=copies, image_major=image_major)
+                  copies=copies)
     args = (pooled, scale, layout, "fast_rcnn")
-    copied = dict(copies=copies, image_major=image_major)
+    copied = dict(copies=copies)
     features_, rois_ = jnp.asarray(features), jnp.asarray(rois)
     want = gather_p.bind(jnp.asarray(source), features_, rois_, **config)
     assert np.asarray(want, np.float32).any()

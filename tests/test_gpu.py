@@ -166,7 +166,8 @@ def test_vmap_and_jvp_on_gpu_match_cpu():
 def test_batched_jvps_and_vjps_at_shared_features_match_cpu(layout, form):
     # A vmap over tangents or cotangents alone: the kernels read the shared
     # features once for all batch elements (copies of the images in their
-    # source or gradient; copy-major for flat rois, image-major per image).
+    # source or gradient; folded into the images for flat rois, a leading axis
+    # per image).
     rng = np.random.default_rng(7)
     features = random_features(rng, feature_shape(2, 15, 16, 4, layout), np.float32, "ties")
     rois = random_rois(rng, 2, 15, 16, 40, 1.0)

@@ -353,30 +353,19 @@ def test_vmap_is_one_kernel_call(f_axis, b_axis):
 # features: they pick from / add into the cells that the forward picks in
 # `features`, whatever the values they gather or scatter. Their source (a
 # scatter's gradient) may hold copies of the features' images (how a vmap over
-# tangents or cotangents alone folds its batch): the same as copying the
-# features alike.
+# tangents or cotangents alone batches them): the same as copying the features
+# alike. The flat form folds them into the images, copy-major; the per-image
+# form has them as a leading axis of source, boxes, cotangent and gradient.
 
-COPIES = {"no copies": (1, False), "3 copies, copy-major": (3, False),
-          "3 copies, image-major": (3, True)}
-
-
-def copied(features, copies, image_major, layout):
-    """The features' images as a source holding ``copies`` of them lays them out."""
-    if image_major:
-        return np.repeat(features, copies, axis=0)
-    return np.tile(features, (copies, 1, 1, 1))
-
-
-@pytest.mark.parametrize("copies", COPIES)
+@pytest.mark.parametrize("copies", [1, 3])
 @pytest.mark.parametrize("impl", ["flat", "per_image", "reference"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gather_scatter_at_forward_argmax(layout, impl, copies):
-    copies, image_major = COPIES[copies]
     rng = np.random.default_rng(15)
     features = random_features(rng, feature_shape(N, H, W, C, layout), np.float32, "ties")
     boxes = random_boxes(rng, n=N * copies)  # naming the images of the source
     rois = flat_rois(boxes)
-    like_features = copied(features, copies, image_major, layout)
+    like_features = np.tile(features, (copies, 1, 1, 1))
     if impl == "per_image":
         _, arg = loop(like_features, boxes, layout)
     else:  # and batch indices out of range: no cell, in any copy
@@ -389,20 +378,24 @@ def test_gather_scatter_at_forward_argmax(layout, impl, copies):
     source = random_features(rng, like_features.shape, np.float32)
     cot = rng.integers(-2, 3, arg.shape).astype(np.float32)
     config = dict(pooled=POOLED, spatial_scale=SCALE, layout=layout, bins="fast_rcnn",
-                  copies=copies, image_major=image_major)
+                  copies=copies)
     if impl == "per_image":
-        where, gather, scatter = boxes, per_image_gather_p.bind, per_image_scatter_p.bind
-        flat_cot = cot
+        def with_copies(x):  # [copies * N, ...] -> [copies, N, ...]
+            return x if copies == 1 else x.reshape((copies, N) + x.shape[1:])
+
+        where, given_source, given_cot = with_copies(boxes), with_copies(source), with_copies(cot)
+        gather, scatter = per_image_gather_p.bind, per_image_scatter_p.bind
     else:
-        where, flat_cot = rois, cot.reshape((-1,) + cot.shape[2:])
+        where, given_source, given_cot = rois, source, cot.reshape((-1,) + cot.shape[2:])
         gather, scatter = ((gather_p.bind, scatter_p.bind) if impl == "flat" else
                            (jax.jit(ref.gather, static_argnames=tuple(config)),
                             jax.jit(ref.scatter, static_argnames=tuple(config))))
     where = jnp.asarray(where, jnp.float32)
-    got = gather(jnp.asarray(source), jnp.asarray(features), where, **config)
+    got = gather(jnp.asarray(given_source), jnp.asarray(features), where, **config)
     assert_exact(np.asarray(got).reshape(arg.shape), pick(source, arg, layout), "gather")
-    got = scatter(jnp.asarray(flat_cot), jnp.asarray(features), where, **config)
-    assert_exact(got, scatter_grad(cot, arg, like_features.shape, layout), "scatter")
+    got = scatter(jnp.asarray(given_cot), jnp.asarray(features), where, **config)
+    assert_exact(np.asarray(got).reshape(like_features.shape),
+                 scatter_grad(cot, arg, like_features.shape, layout), "scatter")
 
 
 # ---------------------------------------------------------------------------

@@ -312,37 +312,35 @@ def test_invalid_roi_gradient_in_mixed_batch():
 
 def test_hand_written_gather_and_scatter_shapes_are_checked():
     # A gather's source (a scatter's gradient) holds whole copies of the
-    # features' images, in an order the kernels know: anything else is refused
-    # by the kernels themselves, for custom calls written by hand.
+    # features' images, copy-major: anything else is refused by the kernels
+    # themselves, for custom calls written by hand.
     from jax_roipool import _native
 
     features = features_for("NHWC")
     rois = np.array([[0] + VALID[1:], [5] + VALID[1:]], np.float32)
     out_shape = jax.ShapeDtypeStruct((2, 2, 2, C), np.float32)
 
-    def gather(source, image_major):
+    attrs = _native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn")
+
+    def gather(source):
         call = jax.ffi.ffi_call("roipool_gather", out_shape)
-        attrs = _native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn", image_major=image_major)
         return jax.jit(lambda s, f, r: call(s, f, r, np.zeros((0,), np.int32), **attrs))(
             source, features, rois)
 
     def scatter(images):
         grad_shape = jax.ShapeDtypeStruct((images, H, W, C), np.float32)
         call = jax.ffi.ffi_call("roipool_scatter", grad_shape)
-        attrs = _native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn", image_major=0)
         return jax.jit(lambda c, f, r: call(c, f, r, np.zeros((0,), np.int32), **attrs))(
             np.ones(out_shape.shape, np.float32), features, rois)
 
     three = np.concatenate([features] * 3)  # copy-major: image 5 pools features image 1
-    got = np.asarray(gather(three, 0))
+    got = np.asarray(gather(three))
     assert_exact(got[1], np.asarray(jrp.roi_pool(features, rois[:1] + [1, 0, 0, 0, 0], 2))[0])
     assert_exact(np.asarray(scatter(3 * N))[5], np.asarray(jax.grad(
         lambda f: jnp.sum(jrp.roi_pool(f, rois[:1] + [1, 0, 0, 0, 0], 2)))(features))[1])
     with pytest.raises(Exception, match="source must be like features"):
-        gather(three[:N * 3 - 1], 0)  # not whole copies
+        gather(three[:N * 3 - 1])  # not whole copies
     with pytest.raises(Exception, match="source must be like features"):
-        gather(three[..., :C - 1], 0)
-    with pytest.raises(Exception, match="image_major must be 0 or 1"):
-        gather(three, 2)
+        gather(three[..., :C - 1])
     with pytest.raises(Exception, match="grad like features"):
         scatter(N + 1)

@@ -267,12 +267,12 @@ def _child():
     @check
     def shared_features_vmap():
         """vmap over tangents or cotangents alone (batched JVPs and VJPs) with
-        the features shared and sharded along N: each device pools its own
-        images, for its block of every batch element, without copying the
-        features or gathering them (automatic mesh: image-major copies); with
-        the mapped axis sharded (explicit mesh), each device takes its batch
-        elements (copy-major copies)."""
-        b = 3
+        the features shared: the batch is a copies axis of the gather's source
+        (scatter's gradient) beside N, so with N sharded each device pools its
+        own images for its block of every batch element, and with the mapped
+        axis sharded its batch elements from all the images, or both on a 2-D
+        mesh; never copying the features or gathering anything."""
+        b = DEVICES
         features, boxes = features_for("NHWC"), boxes_for()
         out_shape = (N, K) + POOLED + (C,)
         tangents = rng.integers(-4, 5, (b,) + features.shape).astype(np.float32)
@@ -289,52 +289,45 @@ def _child():
         fns = {"jvp": (jax.jit(jvps), tangents), "vjp": (jax.jit(vjps), cotangents)}
         want = {name: fn(features, boxes, batch) for name, (fn, batch) in fns.items()}
         assert all(np.asarray(w).any() for w in want.values())
+
+        def kernels_see(name, fn, args, images, copies):
+            """The partitioned call is right, gathers nothing, and each device's
+            kernel reads ``images`` images of the features, once, for a
+            source (gradient) of ``copies`` copies of them."""
+            same(fn(*args), want[name], f"{name}: {images} images x {copies} copies")
+            no_all_gather(fn, *args)
+            target = "roipool_gather" if name == "jvp" else "roipool_scatter"
+            calls = kernel_calls(hlo(fn, *args), target)
+            assert calls and all(ops[1] == (images, H, W, C) for ops, _ in calls), calls
+            like_features = [ops[0] if name == "jvp" else res[0] for ops, res in calls]
+            assert all(shape == (images * copies, H, W, C) for shape in like_features), calls
+            return calls[0][0]
+
         put = putter(auto_mesh())
         fs, bs = put(features, P("x")), put(boxes, P("x"))
-        local = N // DEVICES
-        calls = {}
+        seen = {}
         for name, (fn, batch) in fns.items():
-            sharded = put(batch, P(None, "x"))
-            same(fn(fs, bs, sharded), want[name], f"{name}, N sharded")
-            no_all_gather(fn, fs, bs, sharded)
-            target = "roipool_gather" if name == "jvp" else "roipool_scatter"
-            calls[name] = kernel_calls(hlo(fn, fs, bs, sharded), target)
-            # features: the device's own images, once; source or gradient: b copies of them.
-            assert calls[name] and all(ops[1] == (local, H, W, C) for ops, _ in calls[name])
-            like_features = [ops[0] if name == "jvp" else res[0] for ops, res in calls[name]]
-            assert all(shape == (local * b, H, W, C) for shape in like_features), calls
+            seen[name] = kernels_see(name, fn, (fs, bs, put(batch, P(None, "x"))),
+                                     N // DEVICES, b)
+            kernels_see(name, fn, (features, boxes, put(batch, P("x"))), N, 1)
         mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
-        tangents = rng.integers(-4, 5, (DEVICES,) + features.shape).astype(np.float32)
-        want = jax.jit(jvps)(features, boxes, tangents)
         with jax.set_mesh(mesh):
             sharded = jax.device_put(tangents, P("x"))
-            same(jax.jit(jvps)(features, boxes, sharded), want, "jvp, mapped axis sharded")
-            no_all_gather(jax.jit(jvps), features, boxes, sharded)
-            explicit = kernel_calls(hlo(jax.jit(jvps), features, boxes, sharded),
-                                    "roipool_gather")
-        # Each device: one copy (its batch element) of all the images.
-        assert explicit and all(ops[0] == ops[1] == (N, H, W, C) for ops, _ in explicit)
-        # A 2-D mesh, 2 images on one axis, the batch on both or on the other:
-        # a device's block of the images' copies is then not whole copies of
-        # its own images. Right, though resharded.
+            kernels_see("jvp", jax.jit(jvps), (features, boxes, sharded), N, 1)
+        # A 2-D mesh: the images on one axis, the batch on the other (given
+        # both, or taking the images' from the features), under Shardy and GSPMD.
         put2 = putter(auto_mesh((2, 2), ("x", "y")))
-        features, boxes = features_for("NHWC", n=2), boxes_for(n=2)
-        tangents = rng.integers(-4, 5, (2,) + features.shape).astype(np.float32)
-        cotangents = rng.integers(-2, 3, (2, 2, K) + POOLED + (C,)).astype(np.float32)
         fs2, bs2 = put2(features, P("x")), put2(boxes, P("x"))
         previous = jax.config.jax_use_shardy_partitioner
         try:
             for shardy in (True, False):
                 jax.config.update("jax_use_shardy_partitioner", shardy)
-                for name, (fn, batch) in {"jvp": (jvps, tangents),
-                                          "vjp": (vjps, cotangents)}.items():
-                    want2 = jax.jit(fn)(features, boxes, batch)
+                for name, (fn, batch) in fns.items():
                     for spec in (P("y", "x"), P("y")):
-                        same(jax.jit(fn)(fs2, bs2, put2(batch, spec)), want2,
-                             f"{name}, 2-D mesh, {spec}, shardy {shardy}")
+                        kernels_see(name, fn, (fs2, bs2, put2(batch, spec)), N // 2, b // 2)
         finally:
             jax.config.update("jax_use_shardy_partitioner", previous)
-        return {name: c[0][0] for name, c in calls.items()}
+        return seen
 
     @check
     def no_boxes():

@@ -372,7 +372,8 @@ def shared_problem(layout, form, seed=11):
 def test_vmap_over_tangents_or_cotangents_alone(layout, form):
     """Batched JVPs and VJPs (nested vmaps) at shared features: one gather or
     scatter call that reads the features once (its source or gradient holds
-    the copies), with each element's values at the forward's argmax."""
+    the copies), with each element's values at the forward's argmax, and
+    nothing transposed (the batch axes lead, as the copies do)."""
     features, rois, flat = shared_problem(layout, form)
     _, arg = loop(features, flat, layout)
     assert (arg >= 0).any() and (arg < 0).any()
@@ -395,16 +396,19 @@ def test_vmap_over_tangents_or_cotangents_alone(layout, form):
                 cot = batch[i, j].reshape(arg.shape)
                 assert_exact(got[i, j], per_example_grad(features, flat, cot, layout), name)
         prefix = "roi_pool_" if form == "flat" else "roi_pool_per_image_"
-        (eqn,) = primitive_eqns(jax.make_jaxpr(batched)(batch).jaxpr, prefix + name)
+        jaxpr = jax.make_jaxpr(batched)(batch).jaxpr
+        (eqn,) = primitive_eqns(jaxpr, prefix + name)
         assert eqn.params["copies"] == b1 * b2, eqn.params
         assert eqn.invars[1].aval.shape == features.shape  # not copied
+        assert not primitive_eqns(jaxpr, "transpose"), jaxpr
 
 
 @pytest.mark.parametrize("form", ["flat", "per_image"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vmap_of_batched_jvps_and_vjps(layout, form):
     """An outer vmap over the features (each batch element its own copy of
-    them) or over the rois of a vmap over tangents or cotangents alone."""
+    them) or over the rois, with or without the tangents (cotangents), of a
+    vmap over tangents or cotangents alone."""
     features, rois, flat = shared_problem(layout, form, seed=13)
     rng = np.random.default_rng(14)
     b1, b2 = 2, 3
@@ -422,20 +426,23 @@ def test_vmap_of_batched_jvps_and_vjps(layout, form):
         back = jax.vjp(lambda x: pool(x, r, layout)[0], x)[1]
         return jax.vmap(lambda c: back(c)[0])(c)
 
-    cases = {"features mapped": ((0, None, 0), (many, rois, None)),
-             "rois mapped": ((None, 0, 0), (features, many_rois, None))}
-    for what, (in_axes, (x, r, _)) in cases.items():
-        for name, fn, batch in (("gather", push, tangents), ("scatter", pull, cotangents)):
+    cases = {"features mapped": ((0, None, 0), (many, rois)),
+             "rois mapped": ((None, 0, 0), (features, many_rois)),
+             "rois alone mapped": ((None, 0, None), (features, many_rois))}
+    for what, (in_axes, (x, r)) in cases.items():
+        for name, fn, batches in (("gather", push, tangents), ("scatter", pull, cotangents)):
+            batch = batches if in_axes[2] == 0 else batches[0]
             got = jax.jit(jax.vmap(fn, in_axes=in_axes))(x, r, batch)
             for i, j in np.ndindex(b1, b2):
                 xi = x[i] if in_axes[0] == 0 else x
                 fi = many_flat[i] if in_axes[1] == 0 else flat
+                bij = batches[i if in_axes[2] == 0 else 0, j]
                 _, arg = loop(xi, fi, layout)
                 if name == "gather":
-                    want = np.where(arg >= 0, gather(batch[i, j], arg, layout), 0.0)
+                    want = np.where(arg >= 0, gather(bij, arg, layout), 0.0)
                     assert_exact(np.asarray(got[i, j]).reshape(arg.shape), want,
                                  f"{what}: {name}")
                 else:
-                    cot = batch[i, j].reshape(arg.shape)
+                    cot = bij.reshape(arg.shape)
                     assert_exact(got[i, j], per_example_grad(xi, fi, cot, layout),
                                  f"{what}: {name}")

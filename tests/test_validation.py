@@ -197,3 +197,12 @@ def test_image_index_must_be_exact_in_float32():
     for rois in (ROIS, np.zeros((2**23 + 1, 1, 4), np.float32)):
         with pytest.raises(ValueError, match="float64"):
             jax.eval_shape(jax.vmap(lambda f: jrp.roi_pool(f, rois, 1)), half)
+    # So does a vmap over tangents alone (copies of the shared images).
+    shared = jax.ShapeDtypeStruct(half.shape[1:], jnp.float32)
+    for rois in (ROIS, np.zeros((2**23 + 1, 1, 4), np.float32)):
+        def jvps(tangents):
+            return jax.vmap(lambda t: jax.jvp(lambda x: jrp.roi_pool(x, rois, 1),
+                                              (shared,), (t,))[1])(tangents)
+
+        with pytest.raises(ValueError, match="float64"):
+            jax.eval_shape(jvps, half)

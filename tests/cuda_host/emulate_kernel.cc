@@ -81,18 +81,18 @@ void run_op(int32_t op, int32_t layout, const PoolDims& d, const void* features,
 // dtype: 0 float16, 1 bfloat16, 2 float32, 3 float64 (rois float32 for the
 // first three, float64 for float64). `out` must be zeroed for the scatter.
 // `order` (null: the RoIs' own) is the kernel's pooling order. A gather's
-// `in` and a scatter's `out` hold `copies` copies of the n feature images,
-// image-major or not (SourceImages).
+// `in` and a scatter's `out` hold `copies` copies of the n feature images
+// (SourceImages).
 extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
                                    int32_t dtype, int32_t n, int32_t copies,
-                                   int32_t image_major, int32_t h,
+                                   int32_t h,
                                    int32_t w, int64_t c, int64_t r, int32_t ph,
                                    int32_t pw, double scale,
                                    const void* features, const void* rois,
                                    const int32_t* order, const void* in,
                                    void* out, int32_t* argmax) {
   const PoolDims d =
-      make_pool_dims(r, SourceImages{n, copies, image_major != 0}, h, w, c, ph,
+      make_pool_dims(r, SourceImages{n, copies}, h, w, c, ph,
                      pw, bins, kEmulatedBlockSize,
                      kEmulatedChunksPerBlock, kEmulatedMaxBlocks);
   switch (dtype) {
@@ -121,7 +121,7 @@ extern "C" int emulate_pool_kernel(int32_t op, int32_t layout, int32_t bins,
 // tasks per block, blocks}.
 extern "C" void pool_grid(int64_t rois, int64_t c, int32_t ph, int32_t pw,
                           int64_t* grid) {
-  const PoolDims d = make_pool_dims(rois, SourceImages{1, 1, false}, 1, 1, c,
+  const PoolDims d = make_pool_dims(rois, SourceImages{1, 1}, 1, 1, c,
                                     ph, pw, kFastRcnn);
   grid[0] = d.tasks;
   grid[1] = d.tasks_per_block;
