@@ -32,7 +32,8 @@ The flat family takes rois ``[R, 5]`` and its argmax holds flat cell indices
 family takes boxes ``[N, K, 4]``, and its argmax ``[N, K, ...]`` holds
 image-local cell indices ``h * W + w``, so that any block of images is a
 self-contained problem. Its lowering runs the flat family on rois with batch
-column 0..N-1, inside custom_partitioning where the module is compiled for
+column 0..N-1 (with a copies axis, 0..copies * N - 1: the images of the
+copies, copy-major), inside custom_partitioning where the module is compiled for
 several devices (``_sharding``): sharded along the images, each device pools
 its own.
 
@@ -321,7 +322,9 @@ def _own_copies(features, dim, size, copies):
     features = _to_front(features, dim, size)
     if copies == 1:
         return features
-    return jnp.tile(features, (1, copies) + (1,) * (features.ndim - 2))
+    copied = jnp.expand_dims(features, 1)
+    copied = jnp.broadcast_to(copied, copied.shape[:1] + (copies,) + copied.shape[2:])
+    return _merge(copied, 1)  # (which gathers an N sharded in the types first)
 
 
 def _roi_pool_batch(args, dims, *, with_argmax, **config):
@@ -462,18 +465,26 @@ def _batch_into_copies(primitive, value, value_dim, features, boxes, boxes_dim, 
                        config):
     """A per-image gather or scatter at shared images for a batch of sources
     (cotangents): the mapped axis becomes the copies axis, ahead of the
-    copies the call has, [B, C, N, ...] -> [B * C, N, ...]."""
+    copies the call has, [B, C, N, ...] -> [B * C, N, ...], or after them
+    where only they are sharded in the types (explicit mesh axes), which
+    keeps them sharded: [C, B, N, ...] -> [C * B, N, ...]."""
     value, boxes = _to_front(value, value_dim, size), _to_front(boxes, boxes_dim, size)
     if copies == 1 and size == 1:  # one copy: no copies axis
         return primitive.bind(value[0], features, boxes[0], copies=1, **config)[None], 0
+    out_dim = 0
     if copies != 1:
+        spec = _spec(value)
+        if spec[0] is None and spec[1] is not None:
+            value, boxes, out_dim = jnp.swapaxes(value, 0, 1), jnp.swapaxes(boxes, 0, 1), 1
         value, boxes = _merge(value, 0), _merge(boxes, 0)
     _, h, w, _ = _checks.feature_dims(features.shape, config["layout"])
     images = boxes.shape[0] * boxes.shape[1]
     _checks.check_cell_count(images, h * w)
     _checks.check_image_count(boxes.dtype, images)
     out = primitive.bind(value, features, boxes, copies=copies * size, **config)
-    return (out if copies == 1 else _split(out, 0, size, copies)), 0
+    if copies == 1:
+        return out, 0
+    return _split(out, 0, *((copies, size) if out_dim else (size, copies))), out_dim
 
 
 def _per_image_argmax_op_batch(primitive, value_like_features):
@@ -507,8 +518,8 @@ def _per_image_argmax_op_batch(primitive, value_like_features):
         out, out_dim = how.split(out)
         if copies == 1:
             return out, out_dim
-        # The element's images back into [C, N, ...]; an image-major result
-        # [C * N, B, ...] has its batch axis at 2 then.
+        # The element's images back into [C, N, ...]; folded after them
+        # (out_dim 1), the result [C * N, B, ...] has its batch axis at 2 then.
         images_at = 1 - out_dim
         out = _split(out, images_at, copies, out.shape[images_at] // copies)
         return out, 2 if out_dim == 1 else 0
@@ -519,8 +530,8 @@ def _per_image_argmax_op_batch(primitive, value_like_features):
 # ---------------------------------------------------------------------------
 # Lowering of the per-image family, for every platform: the flat family (so
 # whichever flat lowering the platform has) on rois with batch column
-# 0..N-1. The bodies see whatever block of the images they are given: under
-# SPMD each device runs them on its own (``_sharding``).
+# 0..N-1. The bodies see whatever block of the images (and of the copies)
+# they are given: under SPMD each device runs them on its own (``_sharding``).
 
 def _per_image_forward(features, boxes, *, with_argmax, **config):
     """(out[, argmax]) for per-image boxes, argmax image-local."""
@@ -533,28 +544,26 @@ def _per_image_forward(features, boxes, *, with_argmax, **config):
                                           config["layout"])
 
 
-def _fold_copies(x, copies):
-    """A per-image gather's source or boxes without its copies axis:
-    [copies, N, ...] -> [copies * N, ...], this block's copies of its
-    images, copy-major."""
-    return x if copies == 1 else x.reshape((-1,) + x.shape[2:])
+def _flat_rois(boxes, copies):
+    """(rois, copies of the images they name) for the boxes of a per-image
+    gather or scatter: with a copies axis, [copies, N, K, 4] boxes name the
+    images ``copy * N + n`` of the source (gradient)."""
+    if copies == 1:
+        return reference.per_image_rois(boxes), 1
+    return reference.per_image_rois(boxes.reshape((-1,) + boxes.shape[2:])), boxes.shape[0]
 
-
-# The bodies below see the block's own copies (the leading axis, if any).
 
 def _per_image_gather(source, features, boxes, *, copies, **config):
-    local = source.shape[0] if copies != 1 else 1
-    out = gather_p.bind(_fold_copies(source, copies), features,
-                        reference.per_image_rois(_fold_copies(boxes, copies)), copies=local,
-                        **config)
+    rois, local = _flat_rois(boxes, copies)
+    out = gather_p.bind(source.reshape((-1,) + features.shape[1:]), features, rois,
+                        copies=local, **config)
     return (out.reshape(boxes.shape[:-1] + out.shape[1:]),)
 
 
 def _per_image_scatter(cotangent, features, boxes, *, copies, **config):
-    local = boxes.shape[0] if copies != 1 else 1
+    rois, local = _flat_rois(boxes, copies)
     pooled = cotangent.reshape((-1,) + cotangent.shape[boxes.ndim - 1:])
-    grad = scatter_p.bind(pooled, features, reference.per_image_rois(_fold_copies(boxes, copies)),
-                          copies=local, **config)
+    grad = scatter_p.bind(pooled, features, rois, copies=local, **config)
     return (grad.reshape(boxes.shape[:-3] + features.shape),)
 
 

@@ -314,6 +314,23 @@ def _child():
         with jax.set_mesh(mesh):
             sharded = jax.device_put(tangents, P("x"))
             kernels_see("jvp", jax.jit(jvps), (features, boxes, sharded), N, 1)
+        # Explicit axes, nested: an outer vmap over more tangents keeps the
+        # inner batch axis sharded (the copies then run inner-major); one
+        # over features sharded along N gives each element its own copy of
+        # them (gathered: right, but resharded).
+        nested = jax.jit(jax.vmap(jvps, in_axes=(None, None, 0)))
+        many = np.stack([tangents, -tangents])
+        many_features = np.stack([features, features[::-1]])
+        over_features = jax.jit(jax.vmap(jvps, in_axes=(0, None, None)))
+        want_nested = nested(features, boxes, many)
+        want_over = over_features(many_features, boxes, tangents)
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(many, P(None, "x"))
+            same(nested(features, boxes, sharded), want_nested, "nested, inner axis sharded")
+            no_all_gather(nested, features, boxes, sharded)
+            sharded = jax.device_put(many_features, P(None, "x"))
+            same(over_features(sharded, boxes, tangents), want_over,
+                 "vmap over features sharded along N")
         # A 2-D mesh: the images on one axis, the batch on the other (given
         # both, or taking the images' from the features), under Shardy and GSPMD.
         put2 = putter(auto_mesh((2, 2), ("x", "y")))
