@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -446,3 +447,51 @@ def test_vmap_of_batched_jvps_and_vjps(layout, form):
                     cot = bij.reshape(arg.shape)
                     assert_exact(got[i, j], per_example_grad(xi, fi, cot, layout),
                                  f"{what}: {name}")
+
+
+OUTER_IN_AXES = [axes for axes in itertools.product((None, 0, 1), repeat=3)
+                 if axes != (None, None, None)]
+
+
+@pytest.mark.parametrize("sizes", [(2, 3), (1, 1)], ids=["batches 2x3", "batches 1x1"])
+@pytest.mark.parametrize("form", ["flat", "per_image"])
+def test_every_outer_vmap_of_batched_jvps_and_vjps(form, sizes):
+    """Every combination of mapped features, rois and tangents (cotangents),
+    at axes 0 or 1, of a vmap around a vmap over tangents or cotangents
+    alone, against the loop reference element by element (batches of 1
+    drop the copies axis of a per-image call)."""
+    b1, b2 = sizes
+    problems = [shared_problem("NHWC", form, seed=30 + i) for i in range(b1)]
+    out_shape = jax.eval_shape(lambda x: pool(x, problems[0][1])[0], problems[0][0]).shape
+    rng = np.random.default_rng(21)
+    tangents = random_features(rng, (b1, b2) + problems[0][0].shape, np.float32)
+    cotangents = rng.integers(-2, 3, (b1, b2) + out_shape).astype(np.float32)
+
+    def push(x, r, t):
+        return jax.vmap(lambda t: jax.jvp(lambda x: pool(x, r)[0], (x,), (t,))[1])(t)
+
+    def pull(x, r, c):
+        back = jax.vjp(lambda x: pool(x, r)[0], x)[1]
+        return jax.vmap(lambda c: back(c)[0])(c)
+
+    def given(items, axis):  # one item unmapped, or all of them along axis
+        return items[0] if axis is None else np.stack(items, axis)
+
+    for in_axes in OUTER_IN_AXES:
+        x = given([p[0] for p in problems], in_axes[0])
+        r = given([p[1] for p in problems], in_axes[1])
+        for name, fn, batches in (("gather", push, tangents), ("scatter", pull, cotangents)):
+            got = jax.jit(jax.vmap(fn, in_axes=in_axes))(x, r, given(list(batches), in_axes[2]))
+            for i in range(b1):
+                xi = problems[i if in_axes[0] is not None else 0][0]
+                flat = problems[i if in_axes[1] is not None else 0][2]
+                _, arg = loop(xi, flat)
+                for j in range(b2):
+                    value = batches[i if in_axes[2] is not None else 0, j]
+                    if name == "gather":
+                        want = np.where(arg >= 0, gather(value, arg, "NHWC"), 0.0)
+                        assert_exact(np.asarray(got[i, j]).reshape(arg.shape), want,
+                                     f"{in_axes}: {name}")
+                    else:
+                        want = per_example_grad(xi, flat, value.reshape(arg.shape), "NHWC")
+                        assert_exact(got[i, j], want, f"{in_axes}: {name}")
