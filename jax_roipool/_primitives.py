@@ -11,15 +11,14 @@ Two families of three primitives each:
   cotangent; gather and scatter are each other's transpose.
 Together these give grad, jvp, jacfwd/jacrev, hessian and higher orders.
 
-Gather and scatter also take ``copies``: their source (gradient) may hold
-``copies`` copies of the features' images, a RoI naming image i of the
-source and pooling image n of the features. In the flat family the copies
-are folded into the images, copy-major (image ``copy * N + n``); in the
-per-image family they are a leading axis of the source (gradient), boxes
-and pooled values, ``[copies, N, ...]``, which any mesh axes may shard
-beside N. That is how a vmap over tangents or cotangents alone (jacfwd,
-jacrev, batched JVPs and VJPs) batches without copying the features it
-shares.
+The flat gather and scatter also take ``copies``: their source (gradient)
+may hold ``copies`` copies of the features' images, copy-major, a RoI naming
+image ``copy * N + n`` of the source and pooling image n of the features.
+The per-image primitives may instead have a leading batch axis (see their
+batching rules), on the features too or not: a batch that shares the
+features pools its copies of them. That is how a vmap over tangents or
+cotangents alone (jacfwd, jacrev, batched JVPs and VJPs) batches without
+copying the features it shares.
 
 Gather and scatter take the forward's operands instead of its argmax and
 recompute the argmax inside the kernel: a stored argmax would be as large as
@@ -32,8 +31,8 @@ The flat family takes rois ``[R, 5]`` and its argmax holds flat cell indices
 family takes boxes ``[N, K, 4]``, and its argmax ``[N, K, ...]`` holds
 image-local cell indices ``h * W + w``, so that any block of images is a
 self-contained problem. Its lowering runs the flat family on rois with batch
-column 0..N-1 (with a copies axis, 0..copies * N - 1: the images of the
-copies, copy-major), inside custom_partitioning where the module is compiled for
+column 0..N-1 (with a batch axis, 0..B * N - 1: the batch taken into N),
+inside custom_partitioning where the module is compiled for
 several devices (``_sharding``): sharded along the images, each device pools
 its own.
 
@@ -44,7 +43,7 @@ Native flat lowerings are registered in ``_native``; the pure-JAX ones from
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
 from typing import NamedTuple
 
 import jax
@@ -123,16 +122,22 @@ def _result_aval(shape, dtype, operands, spec=None):
                        sharding=sharding)
 
 
-def _result_specs(family, op, layout, operands, copies=1):
+def _batch_axes(features, rois) -> dict:
+    """Which operands of a per-image call have a leading batch axis (see
+    its batching rules): all but the features, or all."""
+    return dict(batched=rois.ndim == 4, features_batched=features.ndim == 5)
+
+
+def _result_specs(family, op, layout, operands):
     if not family.per_image:
         return (None, None)
-    sig = _sharding.signature(op, layout, copies_axis=copies != 1)
+    sig = _sharding.signature(op, layout, **_batch_axes(*operands[-2:]))
     return _sharding.result_specs(sig, operands)
 
 
 def _pooled_shape(features, rois, pooled, layout):
     """[R, 5] rois give [R, ...]; per-image [N, K, 4] boxes give [N, K, ...]."""
-    c = _checks.feature_dims(features.shape, layout)[3]
+    c = _checks.feature_dims(features.shape[-4:], layout)[3]
     return tuple(rois.shape[:-1]) + _checks.pooled_shape(0, pooled, c, layout)[1:]
 
 
@@ -147,20 +152,18 @@ def _roi_pool_abstract(family, features, rois, *, pooled, spatial_scale, layout,
     return out, _result_aval(shape, np.int32, operands, specs[1])
 
 
-def _gather_abstract(family, source, features, rois, *, pooled, layout, copies, **_):
+def _gather_abstract(family, source, features, rois, *, pooled, layout, **_):
     operands = (source, features, rois)
-    spec = _result_specs(family, "gather", layout, operands, copies)[0]
+    spec = _result_specs(family, "gather", layout, operands)[0]
     return _result_aval(_pooled_shape(features, rois, pooled, layout), source.dtype, operands,
                         spec)
 
 
-def _scatter_abstract(family, cotangent, features, rois, *, layout, copies, **_):
+def _scatter_abstract(family, cotangent, features, rois, *, layout, copies=1, **_):
     operands = (cotangent, features, rois)
-    spec = _result_specs(family, "scatter", layout, operands, copies)[0]
-    if copies == 1:
-        shape = features.shape
-    elif family.per_image:
-        shape = (copies,) + features.shape
+    spec = _result_specs(family, "scatter", layout, operands)[0]
+    if family.per_image:
+        shape = rois.shape[:-3] + features.shape[-4:]
     else:
         shape = (features.shape[0] * copies,) + features.shape[1:]
     return _result_aval(tuple(shape), cotangent.dtype, operands, spec)
@@ -180,7 +183,8 @@ def _roi_pool_jvp(family, primals, tangents, *, with_argmax, **config):
     if type(features_dot) is ad.Zero:
         out_dot = _zero_like(out)
     else:
-        out_dot = family.gather.bind(features_dot, features, rois, copies=1, **config)
+        copies = {} if family.per_image else {"copies": 1}
+        out_dot = family.gather.bind(features_dot, features, rois, **copies, **config)
     return (out, argmax), (out_dot, _zero_like(argmax))
 
 
@@ -383,77 +387,60 @@ def _argmax_op_batch(primitive, value_like_features):
 
 # ---------------------------------------------------------------------------
 # Batching of the per-image family: no index offsets (the argmax is
-# image-local). Shared (unmapped) images take the mapped axis into the box
-# axis K, or, where every batch element has its own gather source (scatter
-# gradient), into the copies axis; neither copies features. Mapped images
-# are folded image-major, [N, B, ...] -> [N * B, ...], which keeps a
-# sharded N sharded alike, or batch-major where only the mapped axis is
-# sharded in the types (explicit mesh axes), which keeps that one sharded.
-
-def _to_second(x, dim, size):
-    """Moves the mapped axis to position 1, broadcasting an unmapped operand."""
-    if dim is None:
-        x = jnp.expand_dims(x, 1)
-        return jnp.broadcast_to(x, x.shape[:1] + (size,) + x.shape[2:])
-    return jnp.moveaxis(x, dim, 1)
-
-
-def _batch_major(operands, dims) -> bool:
-    """Whether some operand's mapped axis is sharded while its N (the element's
-    first axis) is not."""
-    for x, dim in zip(operands, dims):
-        if dim is not None:
-            spec = _spec(x)
-            if spec[dim] is not None and spec[1 if dim == 0 else 0] is None:
-                return True
-    return False
-
+# image-local). A per-image call may have a leading batch axis: boxes
+# [B, N, K, 4], with a gather's source and a scatter's cotangent and
+# gradient [B, N, ...], pooled values [B, N, K, ...]. Its features have the
+# axis too (each batch element its own) or not (shared: the batch pools B
+# copies of the images, read once). A vmap's mapped axis becomes that axis,
+# or merges with the one the call has; it never folds into N, so that mesh
+# axes sharding N and mesh axes sharding the batch both stay. Shared
+# features and a shared gather source take the mapped axis into the box
+# axis K instead.
 
 def _boxes_into_k(boxes, dim):
     """Shared images: the boxes' mapped axis goes into their K, ahead of it,
-    [..., N, B, K, 4] -> [..., N, B * K, 4]. Returns the boxes and the split
-    of a result: result -> (it with the batch axis split out, batch dim)."""
+    [..., N, S, K, 4] -> [..., N, S * K, 4]. Returns the boxes and the split
+    of a result: result -> (it with the mapped axis split out, its dim)."""
     k = boxes.ndim - 3  # the element's K axis
     boxes = jnp.moveaxis(boxes, dim, k)
     lead = boxes.shape[k:k + 2]
     return _merge(boxes, k), lambda r: (_split(r, k, *lead), k)
 
 
-class _PerImageFold(NamedTuple):
-    """How a batched per-image call was folded into one unbatched call."""
-    fold: Callable   # (operand, its mapped dim) -> it folded like the images
-    split: Callable  # result -> (result with the batch axis split out, batch dim)
+def _merge_batch(operands, size):
+    """Operands [S, B, ...] (mapped axis S ahead of the call's batch axis B)
+    -> [S * B, ...], or [B * S, ...] where only B of the first is sharded in
+    the types (explicit mesh axes), which keeps B sharded. Returns them and
+    the split of a result: result -> (it with the mapped axis split out, its dim)."""
+    inner = operands[0].shape[1]
+    spec = _spec(operands[0])
+    if spec[0] is None and spec[1] is not None:
+        merged = [_merge(jnp.swapaxes(x, 0, 1), 0) for x in operands]
+        return merged, lambda r: (_split(r, 0, inner, size), 1)
+    return [_merge(x, 0) for x in operands], lambda r: (_split(r, 0, size, inner), 0)
 
 
-def _fold_per_image(boxes, boxes_dim, size, plane, *, batch_major):
-    """(boxes, _PerImageFold): the per-image counterpart of ``_fold_rois``.
-    The mapped axis goes into N of the boxes, which counts the images they
-    name, ahead of it if ``batch_major`` (see ``_batch_major``); ``fold``
-    folds the operands with images (features, a source, a cotangent) alike.
-    The folded images' cells must fit the int32 argmax (``plane`` = H * W)."""
-    move = _to_front if batch_major else _to_second
-
-    def fold(x, dim):
-        return _merge(move(x, dim, size), 0)
-
-    boxes = fold(boxes, boxes_dim)
-    _checks.check_cell_count(boxes.shape[0], plane)
-    _checks.check_image_count(boxes.dtype, boxes.shape[0])
-    n = boxes.shape[0] // size
-    lead, out_dim = ((size, n), 0) if batch_major else ((n, size), 1)
-    return boxes, _PerImageFold(fold, lambda r: (_split(r, 0, *lead), out_dim))
+def _check_images(boxes, features, layout):
+    """The images of a batched call (batch times N) must have cells within
+    the int32 argmax and exact indices in the boxes' dtype (its lowering
+    numbers them in one flat call)."""
+    images = math.prod(boxes.shape[:-2])
+    _, h, w, _ = _checks.feature_dims(features.shape[-4:], layout)
+    _checks.check_cell_count(images, h * w)
+    _checks.check_image_count(boxes.dtype, images)
 
 
 def _per_image_batch(args, dims, *, with_argmax, **config):
     features, boxes = args
-    if dims[0] is None:
+    if dims[0] is None:  # shared images
         boxes, split = _boxes_into_k(boxes, dims[1])
     else:
         size = _batch_size(args, dims)
-        _, h, w, _ = _element_dims(features, dims[0], config["layout"])
-        boxes, how = _fold_per_image(boxes, dims[1], size, h * w,
-                                     batch_major=_batch_major(args[:1], dims[:1]))
-        features, split = how.fold(features, dims[0]), how.split
+        features, boxes = _to_front(features, dims[0], size), _to_front(boxes, dims[1], size)
+        split = lambda r: (r, 0)  # noqa: E731
+        if boxes.ndim == 5:  # the call has a batch axis
+            (features, boxes), split = _merge_batch((features, boxes), size)
+        _check_images(boxes, features, config["layout"])
     out, argmax = per_image_p.bind(features, boxes, with_argmax=with_argmax, **config)
     out, out_dim = split(out)
     if not with_argmax:
@@ -461,68 +448,45 @@ def _per_image_batch(args, dims, *, with_argmax, **config):
     return (out, split(argmax)[0]), (out_dim, out_dim)
 
 
-def _batch_into_copies(primitive, value, value_dim, features, boxes, boxes_dim, size, copies,
-                       config):
-    """A per-image gather or scatter at shared images for a batch of sources
-    (cotangents): the mapped axis becomes the copies axis, ahead of the
-    copies the call has, [B, C, N, ...] -> [B * C, N, ...], or after them
-    where only they are sharded in the types (explicit mesh axes), which
-    keeps them sharded: [C, B, N, ...] -> [C * B, N, ...]."""
-    value, boxes = _to_front(value, value_dim, size), _to_front(boxes, boxes_dim, size)
-    if copies == 1 and size == 1:  # one copy: no copies axis
-        return primitive.bind(value[0], features, boxes[0], copies=1, **config)[None], 0
-    out_dim = 0
-    if copies != 1:
-        spec = _spec(value)
-        if spec[0] is None and spec[1] is not None:
-            value, boxes, out_dim = jnp.swapaxes(value, 0, 1), jnp.swapaxes(boxes, 0, 1), 1
-        value, boxes = _merge(value, 0), _merge(boxes, 0)
-    _, h, w, _ = _checks.feature_dims(features.shape, config["layout"])
-    images = boxes.shape[0] * boxes.shape[1]
-    _checks.check_cell_count(images, h * w)
-    _checks.check_image_count(boxes.dtype, images)
-    out = primitive.bind(value, features, boxes, copies=copies * size, **config)
-    if copies == 1:
-        return out, 0
-    return _split(out, 0, *((copies, size) if out_dim else (size, copies))), out_dim
-
-
 def _per_image_argmax_op_batch(primitive, value_like_features):
     """Batching rule of the per-image gather (``value_like_features``) or
-    scatter, as ``_argmax_op_batch`` for the flat ones. Shared images: a
-    shared gather source too takes the mapped axis into K, otherwise it goes
-    into the copies axis. Mapped images: the call's copies become images of
-    each batch element, which pools its own copies of its features, folded
-    as in the forward."""
+    scatter. Only a gather's boxes mapped: the mapped axis goes into K.
+    Otherwise every batch element has its own source (gradient): the mapped
+    axis becomes (or merges with) the call's batch axis. Shared features
+    stay shared (batched ones by taking their batch into N); mapped ones
+    of a call whose batch shares them get their own copies."""
 
-    def rule(args, dims, *, copies, **config):
+    def rule(args, dims, **config):
         value, features, boxes = args
+        if value_like_features and dims[0] is None and dims[1] is None:
+            boxes, split = _boxes_into_k(boxes, dims[2])
+            return split(primitive.bind(value, features, boxes, **config))
         size = _batch_size(args, dims)
-        if dims[1] is None:
-            if value_like_features and dims[0] is None:
-                boxes, split = _boxes_into_k(boxes, dims[2])
-                return split(primitive.bind(value, features, boxes, copies=copies, **config))
-            return _batch_into_copies(primitive, value, dims[0], features, boxes, dims[2], size,
-                                      copies, config)
-        value_dim, boxes_dim = dims[0], dims[2]
-        if copies != 1:  # [B, C, N, ...] -> [B, C * N, ...]
-            value, boxes = (_merge(_to_front(x, d, size), 1)
-                            for x, d in ((value, value_dim), (boxes, boxes_dim)))
-            value_dim = boxes_dim = 0
-        features = _own_copies(features, dims[1], size, copies)
-        _, h, w, _ = _element_dims(features, 0, config["layout"])
-        boxes, how = _fold_per_image(boxes, boxes_dim, size, h * w,
-                                     batch_major=_batch_major((value, features), (value_dim, 0)))
-        out = primitive.bind(how.fold(value, value_dim), how.fold(features, 0), boxes, copies=1,
-                             **config)
-        out, out_dim = how.split(out)
-        if copies == 1:
-            return out, out_dim
-        # The element's images back into [C, N, ...]; folded after them
-        # (out_dim 1), the result [C * N, B, ...] has its batch axis at 2 then.
-        images_at = 1 - out_dim
-        out = _split(out, images_at, copies, out.shape[images_at] // copies)
-        return out, 2 if out_dim == 1 else 0
+        value, boxes = _to_front(value, dims[0], size), _to_front(boxes, dims[2], size)
+        batched = boxes.ndim == 5  # the call has a batch axis, [S, B, N, K, 4] now
+        images = None  # the element's [B, N] images, where taken into N
+        if dims[1] is not None:
+            features = _to_front(features, dims[1], size)
+            if batched and features.ndim == 5:  # each element its own copies
+                features = jnp.broadcast_to(jnp.expand_dims(features, 1),
+                                            boxes.shape[:2] + features.shape[1:])
+        elif features.ndim == 5:  # batched features shared by the mapped axis
+            images = features.shape[:2]
+            features = _merge(features, 0)
+            value, boxes = _merge(value, 1), _merge(boxes, 1)
+            batched = False
+        operands = [value, boxes] + ([features] if dims[1] is not None else [])
+        split = lambda r: (r, 0)  # noqa: E731
+        if batched:
+            operands, split = _merge_batch(operands, size)
+        value, boxes = operands[:2]
+        if dims[1] is not None:
+            features = operands[2]
+        _check_images(boxes, features, config["layout"])
+        out, out_dim = split(primitive.bind(value, features, boxes, **config))
+        if images is not None:
+            out = _split(out, 1, *images)
+        return out, out_dim
 
     return rule
 
@@ -530,41 +494,47 @@ def _per_image_argmax_op_batch(primitive, value_like_features):
 # ---------------------------------------------------------------------------
 # Lowering of the per-image family, for every platform: the flat family (so
 # whichever flat lowering the platform has) on rois with batch column
-# 0..N-1. The bodies see whatever block of the images (and of the copies)
+# 0..N-1. The bodies see whatever block of the images (and of the batch)
 # they are given: under SPMD each device runs them on its own (``_sharding``).
+
+def _flat_call(features, boxes):
+    """(features, rois, copies) of the flat call that pools per-image boxes:
+    a batch axis is taken into N (with shared features, as the images of the
+    copies of them that a gather's source or scatter's gradient holds)."""
+    copies = boxes.shape[0] if boxes.ndim == 4 and features.ndim == 4 else 1
+    rois = reference.per_image_rois(_leading_merged(boxes, boxes.ndim - 2))
+    return _leading_merged(features, features.ndim - 3), rois, copies
+
+
+def _leading_merged(x, count):
+    """x with its first ``count`` axes merged into one."""
+    return x.reshape((math.prod(x.shape[:count]),) + x.shape[count:])
+
 
 def _per_image_forward(features, boxes, *, with_argmax, **config):
     """(out[, argmax]) for per-image boxes, argmax image-local."""
-    out, argmax = roi_pool_p.bind(features, reference.per_image_rois(boxes),
-                                  with_argmax=with_argmax, **config)
-    out = out.reshape(boxes.shape[:2] + out.shape[1:])
+    features, rois, _ = _flat_call(features, boxes)
+    out, argmax = roi_pool_p.bind(features, rois, with_argmax=with_argmax, **config)
+    by_image = (features.shape[0], boxes.shape[-2]) + out.shape[1:]  # [B * N, K, ...]
+    out = out.reshape(boxes.shape[:-1] + out.shape[1:])
     if not with_argmax:
         return (out,)
-    return out, reference.global_to_local(argmax.reshape(out.shape), features.shape,
-                                          config["layout"])
+    argmax = reference.global_to_local(argmax.reshape(by_image), features.shape, config["layout"])
+    return out, argmax.reshape(out.shape)
 
 
-def _flat_rois(boxes, copies):
-    """(rois, copies of the images they name) for the boxes of a per-image
-    gather or scatter: with a copies axis, [copies, N, K, 4] boxes name the
-    images ``copy * N + n`` of the source (gradient)."""
-    if copies == 1:
-        return reference.per_image_rois(boxes), 1
-    return reference.per_image_rois(boxes.reshape((-1,) + boxes.shape[2:])), boxes.shape[0]
-
-
-def _per_image_gather(source, features, boxes, *, copies, **config):
-    rois, local = _flat_rois(boxes, copies)
-    out = gather_p.bind(source.reshape((-1,) + features.shape[1:]), features, rois,
-                        copies=local, **config)
+def _per_image_gather(source, features, boxes, **config):
+    features, rois, copies = _flat_call(features, boxes)
+    out = gather_p.bind(_leading_merged(source, source.ndim - 3), features, rois,
+                        copies=copies, **config)
     return (out.reshape(boxes.shape[:-1] + out.shape[1:]),)
 
 
-def _per_image_scatter(cotangent, features, boxes, *, copies, **config):
-    rois, local = _flat_rois(boxes, copies)
-    pooled = cotangent.reshape((-1,) + cotangent.shape[boxes.ndim - 1:])
-    grad = scatter_p.bind(pooled, features, rois, copies=local, **config)
-    return (grad.reshape(boxes.shape[:-3] + features.shape),)
+def _per_image_scatter(cotangent, features, boxes, **config):
+    shape = boxes.shape[:-3] + features.shape[-4:]
+    features, rois, copies = _flat_call(features, boxes)
+    pooled = _leading_merged(cotangent, boxes.ndim - 1)
+    return (scatter_p.bind(pooled, features, rois, copies=copies, **config).reshape(shape),)
 
 
 def plain_aval(aval):
@@ -578,7 +548,7 @@ def _per_image_rule(op, body, multiple_results):
     def rule(ctx, *args, **params):
         with_argmax = params.get("with_argmax", True)
         sig = _sharding.signature(op, params["layout"], with_argmax,
-                                  copies_axis=params.get("copies", 1) != 1)
+                                  **_batch_axes(*ctx.avals_in[-2:]))
         fn = _sharding.maybe_partitioned(ctx, functools.partial(body, **params), sig)
 
         def lowered(*args):

@@ -33,9 +33,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec, use_abstract_mesh
 
 # Dimension labels: n image, k box, c channel, h/w feature rows/columns,
-# i/j pooled rows/columns, d box coordinate, b copy of the images (a leading
-# axis of a gather's source, a scatter's gradient and their boxes, where
-# they hold several copies of the features' images).
+# i/j pooled rows/columns, d box coordinate, b batch (a leading axis of a
+# batched call: see the per-image batching rules in ``_primitives``).
 
 
 class Signature(NamedTuple):
@@ -62,23 +61,26 @@ class Signature(NamedTuple):
         return f"{side(self.operands)} -> {side(self.results)}"
 
 
-def signature(op: str, layout: str, with_argmax: bool = True, *,
-              copies_axis: bool = False) -> Signature:
+def signature(op: str, layout: str, with_argmax: bool = True, *, batched: bool = False,
+              features_batched: bool = False) -> Signature:
     """op: "forward" (features, boxes) -> (out[, argmax]); "gather" (source,
     features, boxes) -> values; "scatter" (cotangent, features, boxes) ->
-    features-shaped sum. With ``copies_axis``, a gather's source or a
-    scatter's gradient, and the boxes and pooled values, have a leading axis
-    of copies of the features' images: each device pools its block of the
-    copies of its block of the images."""
+    features-shaped sum. ``batched``: the boxes, and with them the pooled
+    values and a gather's source or scatter's gradient, have a leading batch
+    axis; ``features_batched``: so do the features (else the batch shares
+    them). Each device pools its block of the batch for its block of the
+    images."""
     features = ("n", "h", "w", "c") if layout == "NHWC" else ("n", "c", "h", "w")
     pooled = ("n", "k", "i", "j", "c") if layout == "NHWC" else ("n", "k", "c", "i", "j")
     boxes = ("n", "k", "d")
+    like_features = features
+    if batched:
+        like_features, pooled, boxes = (("b",) + dims for dims in (features, pooled, boxes))
+    if features_batched:
+        features = ("b",) + features
     if op == "forward":
         return Signature((features, boxes), (pooled, pooled)[:1 + with_argmax],
-                         frozenset("nkc"))
-    like_features = features
-    if copies_axis:
-        like_features, pooled, boxes = (("b",) + dims for dims in (features, pooled, boxes))
+                         frozenset("bnkc"))
     if op == "gather":
         return Signature((like_features, features, boxes), (pooled,), frozenset("bnkc"))
     if op == "scatter":

@@ -355,7 +355,8 @@ def test_vmap_is_one_kernel_call(f_axis, b_axis):
 # scatter's gradient) may hold copies of the features' images (how a vmap over
 # tangents or cotangents alone batches them): the same as copying the features
 # alike. The flat form folds them into the images, copy-major; the per-image
-# form has them as a leading axis of source, boxes, cotangent and gradient.
+# form has them as a leading batch axis of source, boxes, cotangent and
+# gradient.
 
 @pytest.mark.parametrize("copies", [1, 3])
 @pytest.mark.parametrize("impl", ["flat", "per_image", "reference"])
@@ -385,6 +386,7 @@ def test_gather_scatter_at_forward_argmax(layout, impl, copies):
 
         where, given_source, given_cot = with_copies(boxes), with_copies(source), with_copies(cot)
         gather, scatter = per_image_gather_p.bind, per_image_scatter_p.bind
+        del config["copies"]  # the batch axis of the boxes
     else:
         where, given_source, given_cot = rois, source, cot.reshape((-1,) + cot.shape[2:])
         gather, scatter = ((gather_p.bind, scatter_p.bind) if impl == "flat" else

@@ -201,14 +201,36 @@ def _child():
 
     @check
     def sharded_vmap():
-        mesh = auto_mesh()
-        put = putter(mesh)
-        features = np.stack([features_for("NHWC") for _ in range(2)])
-        boxes = np.stack([boxes_for() for _ in range(2)])
-        fn = jax.jit(jax.vmap(lambda f, b: jrp.roi_pool(f, b, POOLED, SCALE)))
-        fs, bs = put(features, P(None, "x")), put(boxes, P(None, "x"))
-        same(fn(fs, bs), fn(features, boxes), "vmapped output")
-        no_all_gather(fn, fs, bs)
+        """vmap of the per-image forward and gradient: the mapped axis is a
+        batch axis beside N, so with N, the mapped axis or both sharded
+        (automatic axes, 1-D and 2-D meshes) each device pools its own images
+        of its own batch elements, gathering nothing."""
+        b = DEVICES
+        features = np.stack([features_for("NHWC") for _ in range(b)])
+        boxes = np.stack([boxes_for() for _ in range(b)])
+        weights = rng.integers(-2, 3, (b, N, K) + POOLED + (C,)).astype(np.float32)
+        forward = jax.jit(jax.vmap(lambda f, bx: jrp.roi_pool(f, bx, POOLED, SCALE)))
+        backward = jax.jit(jax.vmap(grad("NHWC")))
+        want = forward(features, boxes), backward(features, boxes, weights)
+        seen = {}
+        for mesh, spec, (copies, images) in (
+                (auto_mesh(), P(None, "x"), (b, N // DEVICES)),
+                (auto_mesh(), P("x"), (1, N)),
+                (auto_mesh((2, 2), ("x", "y")), P("x", "y"), (b // 2, N // 2))):
+            put = putter(mesh)
+            fs, bs, ws = put(features, spec), put(boxes, spec), put(weights, spec)
+            what = f"{dict(mesh.shape)}, {spec}"
+            same(forward(fs, bs), want[0], f"vmapped output, {what}")
+            same(backward(fs, bs, ws), want[1], f"vmapped gradient, {what}")
+            no_all_gather(forward, fs, bs)
+            no_all_gather(backward, fs, bs, ws)
+            local = (copies * images, H, W, C)  # the device's batch elements' images
+            calls = kernel_calls(hlo(forward, fs, bs), "roipool_forward")
+            assert calls and all(ops[0] == local for ops, _ in calls), (what, calls)
+            calls = kernel_calls(hlo(backward, fs, bs, ws), "roipool_scatter")
+            assert calls and all(res[0] == local for _, res in calls), (what, calls)
+            seen[what] = local
+        return seen
 
     @check
     def explicit_vmap():
@@ -255,12 +277,15 @@ def _child():
                     no_all_gather(batched, *sharded)
             for g, w, what in zip(got, want, ("output", "argmax", "gradient")):
                 same(g, w, f"{name}: {what}")
-        # Both the mapped axis and N sharded (2-D mesh): right, though gathered.
+        # Both the mapped axis and N sharded (2-D mesh): both stay sharded.
         mesh2 = jax.make_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
         batched = jax.jit(jax.vmap(per_image))
         want = batched(features, boxes, weights)
         with jax.set_mesh(mesh2):
-            got = batched(*(jax.device_put(a, P("x", "y")) for a in (features, boxes, weights)))
+            sharded = [jax.device_put(a, P("x", "y")) for a in (features, boxes, weights)]
+            got = batched(*sharded)
+            no_all_gather(batched, *sharded)
+            assert jax.typeof(got[0]).sharding.spec[:2] == ("x", "y"), jax.typeof(got[0])
         for g, w, what in zip(got, want, ("output", "argmax", "gradient")):
             same(g, w, f"2-D mesh: {what}")
 
