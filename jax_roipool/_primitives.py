@@ -143,6 +143,12 @@ def _pooled_shape(features, rois, pooled, layout):
 
 def _roi_pool_abstract(family, features, rois, *, pooled, spatial_scale, layout, bins,
                        with_argmax):
+    axes = _batch_axes(features, rois)
+    if family.per_image and axes["batched"] != axes["features_batched"]:
+        # The forward pools each batch element's own images (shared features
+        # with batched boxes go into K instead: see the batching rules).
+        raise ValueError(f"roi_pool_per_image: features {features.shape} and boxes "
+                         f"{rois.shape} must both have a batch axis or neither")
     shape = _pooled_shape(features, rois, pooled, layout)
     operands = (features, rois)
     specs = _result_specs(family, "forward", layout, operands)

@@ -15,7 +15,8 @@ import jax_roipool.reference as ref
 import reference_loop
 from conftest import (BINS, LAYOUTS, assert_exact, dtype_id, feature_shape, random_features,
                       random_rois)
-from jax_roipool._primitives import gather_p, per_image_gather_p, per_image_scatter_p, scatter_p
+from jax_roipool._primitives import (gather_p, per_image_gather_p, per_image_p,
+                                     per_image_scatter_p, scatter_p)
 
 POOLED = (3, 4)
 SCALE = 0.5
@@ -127,6 +128,18 @@ def test_dtypes():
     out16, _ = pool(features, boxes.astype(np.float16))
     want16, _ = loop(features, boxes.astype(np.float16))
     assert_exact(out16, want16, "float16 boxes")
+
+
+def test_forward_batch_axis_on_both_or_neither():
+    # The per-image forward's leading batch axis (vmap's) pools each batch
+    # element's own images: boxes with one need features with one.
+    features, boxes = jnp.zeros((N, H, W, C)), jnp.zeros((2, N, 3, 4))
+    config = dict(pooled=POOLED, spatial_scale=SCALE, layout="NHWC", bins="fast_rcnn",
+                  with_argmax=True)
+    with pytest.raises(ValueError, match="batch axis or neither"):
+        jax.eval_shape(lambda f, b: per_image_p.bind(f, b, **config), features, boxes)
+    out = jax.eval_shape(lambda f, b: per_image_p.bind(f, b, **config), features[None], boxes)
+    assert out[0].shape == (2, N, 3) + POOLED + (C,)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
