@@ -292,8 +292,8 @@ def _child():
     @check
     def shared_features_vmap():
         """vmap over tangents or cotangents alone (batched JVPs and VJPs) with
-        the features shared: the batch is a copies axis of the gather's source
-        (scatter's gradient) beside N, so with N sharded each device pools its
+        the features shared: the batch is a batch axis of the per-image gather's
+        source (scatter's gradient) beside N, so with N sharded each device pools its
         own images for its block of every batch element, and with the mapped
         axis sharded its batch elements from all the images, or both on a 2-D
         mesh; never copying the features or gathering anything."""

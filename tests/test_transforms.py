@@ -462,7 +462,7 @@ def test_every_outer_vmap_of_batched_jvps_and_vjps(form, sizes):
     """Every combination of mapped features, rois and tangents (cotangents),
     at axes 0 or 1, of a vmap around a vmap over tangents or cotangents
     alone, against the loop reference element by element (batches of 1
-    drop the copies axis of a per-image call)."""
+    included)."""
     b1, b2 = sizes
     problems = [shared_problem("NHWC", form, seed=30 + i) for i in range(b1)]
     out_shape = jax.eval_shape(lambda x: pool(x, problems[0][1])[0], problems[0][0]).shape
