@@ -326,15 +326,20 @@ def _element_dims(features, dim, layout) -> tuple[int, int, int, int]:
     return _checks.feature_dims(shape, layout)
 
 
+def _copies_axis(features, copies):
+    """Features [B, ...] -> [B, copies, ...], each batch element's copies."""
+    copied = jnp.expand_dims(features, 1)
+    return jnp.broadcast_to(copied, copied.shape[:1] + (copies,) + copied.shape[2:])
+
+
 def _own_copies(features, dim, size, copies):
     """Features [B, N * copies, ...]: every batch element's own copy of the
     images that a gather's source (a scatter's gradient) holds, copy-major."""
     features = _to_front(features, dim, size)
     if copies == 1:
         return features
-    copied = jnp.expand_dims(features, 1)
-    copied = jnp.broadcast_to(copied, copied.shape[:1] + (copies,) + copied.shape[2:])
-    return _merge(copied, 1)  # (which gathers an N sharded in the types first)
+    # (_merge gathers an N sharded in the types first.)
+    return _merge(_copies_axis(features, copies), 1)
 
 
 def _roi_pool_batch(args, dims, *, with_argmax, **config):
@@ -413,11 +418,14 @@ def _boxes_into_k(boxes, dim):
     return _merge(boxes, k), lambda r: (_split(r, k, *lead), k)
 
 
-def _merge_batch(operands, size):
-    """Operands [S, B, ...] (mapped axis S ahead of the call's batch axis B)
-    -> [S * B, ...], or [B * S, ...] where only B of the first is sharded in
+def _as_batch_axis(operands, size, call_batched):
+    """Operands with the mapped axis S in front: S is their batch axis, or,
+    where the call has one (B, behind S), merged with it, [S, B, ...] ->
+    [S * B, ...], or [B * S, ...] where only B of the first is sharded in
     the types (explicit mesh axes), which keeps B sharded. Returns them and
     the split of a result: result -> (it with the mapped axis split out, its dim)."""
+    if not call_batched:
+        return list(operands), lambda r: (r, 0)
     inner = operands[0].shape[1]
     spec = _spec(operands[0])
     if spec[0] is None and spec[1] is not None:
@@ -443,9 +451,7 @@ def _per_image_batch(args, dims, *, with_argmax, **config):
     else:
         size = _batch_size(args, dims)
         features, boxes = _to_front(features, dims[0], size), _to_front(boxes, dims[1], size)
-        split = lambda r: (r, 0)  # noqa: E731
-        if boxes.ndim == 5:  # the call has a batch axis
-            (features, boxes), split = _merge_batch((features, boxes), size)
+        (features, boxes), split = _as_batch_axis((features, boxes), size, boxes.ndim == 5)
         _check_images(boxes, features, config["layout"])
     out, argmax = per_image_p.bind(features, boxes, with_argmax=with_argmax, **config)
     out, out_dim = split(out)
@@ -474,17 +480,14 @@ def _per_image_argmax_op_batch(primitive, value_like_features):
         if dims[1] is not None:
             features = _to_front(features, dims[1], size)
             if batched and features.ndim == 5:  # each element its own copies
-                features = jnp.broadcast_to(jnp.expand_dims(features, 1),
-                                            boxes.shape[:2] + features.shape[1:])
+                features = _copies_axis(features, boxes.shape[1])
         elif features.ndim == 5:  # batched features shared by the mapped axis
             images = features.shape[:2]
             features = _merge(features, 0)
             value, boxes = _merge(value, 1), _merge(boxes, 1)
             batched = False
         operands = [value, boxes] + ([features] if dims[1] is not None else [])
-        split = lambda r: (r, 0)  # noqa: E731
-        if batched:
-            operands, split = _merge_batch(operands, size)
+        operands, split = _as_batch_axis(operands, size, batched)
         value, boxes = operands[:2]
         if dims[1] is not None:
             features = operands[2]
