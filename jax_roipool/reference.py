@@ -144,6 +144,13 @@ def _partition_edge(i, length, pooled: int):
     return i * q + ((i.astype(jnp.uint32) * rem) // pooled).astype(jnp.int32)
 
 
+def _max(values, axis: int):
+    """jnp.max, NaN where any value is NaN: XLA:CPU's max reduction can drop
+    NaN (it did here for 16 or more RoIs, not for 8)."""
+    return jnp.where(jnp.isnan(values).any(axis), jnp.array(jnp.nan, values.dtype),
+                     jnp.max(values, axis))
+
+
 def _first_hit(values, best, mask, axis: int):
     """Index along `axis` of the first masked value equal to `best` (NaN matches NaN)."""
     best = jnp.expand_dims(best, axis)
@@ -184,11 +191,11 @@ def forward(features, rois, *, pooled, spatial_scale, layout, bins, with_argmax=
     low = jnp.array(-jnp.inf, features.dtype)
     m = col_mask[:, :, None, :, None]
     v = jnp.where(m, images[:, None], low)  # [R, PW, H, W, C]
-    row_max = jnp.max(v, axis=3)  # [R, PW, H, C]
+    row_max = _max(v, axis=3)  # [R, PW, H, C]
     row_arg = _first_hit(v, row_max, m, axis=3)
     m = row_mask[:, :, None, :, None]
     v = jnp.where(m, row_max[:, None], low)  # [R, PH, PW, H, C]
-    best = jnp.max(v, axis=3)  # [R, PH, PW, C]
+    best = _max(v, axis=3)  # [R, PH, PW, C]
     best_h = _first_hit(v, best, m, axis=3)
     best_w = jnp.take_along_axis(
         jnp.broadcast_to(row_arg[:, None], v.shape), best_h[:, :, :, None], axis=3)[:, :, :, 0]
