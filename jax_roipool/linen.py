@@ -54,7 +54,12 @@ class RoIPool(nn.Module):
 
     def __post_init__(self) -> None:
         # Bad arguments fail where the layer is made, not at its first call.
-        check_config(self.output_size, self.spatial_scale, self.layout, self.bins)
+        config = check_config(self.output_size, self.spatial_scale, self.layout, self.bins)
+        # Kept as (PH, PW) and a float, as the NNX layer keeps them: a list or
+        # an array as given would make the module unhashable (a static
+        # argument of jax.jit must hash).
+        object.__setattr__(self, "output_size", config.pooled)
+        object.__setattr__(self, "spatial_scale", config.spatial_scale)
         super().__post_init__()
 
     def __call__(self, features: jax.typing.ArrayLike, rois: jax.typing.ArrayLike) -> jax.Array:

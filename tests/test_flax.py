@@ -114,6 +114,17 @@ def test_nnx_module_keeps_array_arguments_as_static_values():
     np.testing.assert_array_equal(np.asarray(out), expected(features, boxes, "NHWC", "fast_rcnn"))
 
 
+def test_linen_module_keeps_array_arguments_as_static_values():
+    # A list or array output_size and a jax scalar scale, kept as given, would
+    # make the module unhashable: no jit with the module a static argument.
+    features, _, boxes = inputs()
+    layer = LinenRoIPool(list(POOLED), 1 / jnp.float32(1 / SCALE))
+    assert layer.output_size == POOLED and type(layer.spatial_scale) is float
+    assert layer == LinenRoIPool(np.array(POOLED), SCALE) and hash(layer)
+    out = jax.jit(lambda m, f, b: m.apply({}, f, b), static_argnums=0)(layer, features, boxes)
+    np.testing.assert_array_equal(np.asarray(out), expected(features, boxes, "NHWC", "fast_rcnn"))
+
+
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 @pytest.mark.parametrize("bad", [dict(output_size=0), dict(layout="nchw"), dict(bins="x"),
                                  dict(spatial_scale=-1.0)])
