@@ -59,6 +59,12 @@ def check_config(output_size, spatial_scale, layout, bins) -> Config:
     return Config(_check_output_size(output_size), _check_scale(spatial_scale), layout, bins)
 
 
+# Where a traced output_size or scale comes from, and what to pass instead.
+_STATIC_HINT = ("; inside a jitted function jax values are traced, also a "
+                "constant made there (jnp.float32(0.25), say): use Python or numpy numbers, "
+                "and mark a jax.jit argument static (static_argnums)")
+
+
 def _check_output_size(output_size) -> tuple[int, int]:
     if isinstance(output_size, (tuple, list)):
         sizes = output_size
@@ -69,7 +75,7 @@ def _check_output_size(output_size) -> tuple[int, int]:
         sizes = (output_size, output_size)
     if any(isinstance(s, jax.core.Tracer) for s in sizes):
         raise TypeError("roi_pool: output_size must be static (Python or numpy ints), not a "
-                        "traced value; under jax.jit, mark it static (static_argnums)")
+                        f"traced value{_STATIC_HINT}")
     if len(sizes) != 2:
         raise ValueError(f"roi_pool: output_size must be an int or a pair (PH, PW), got {output_size!r}")
     pooled = []
@@ -88,8 +94,9 @@ def _check_output_size(output_size) -> tuple[int, int]:
 
 def _check_scale(spatial_scale) -> float:
     if isinstance(spatial_scale, jax.core.Tracer):
-        raise TypeError("roi_pool: spatial_scale must be a static Python number, not a traced value")
-    if isinstance(spatial_scale, (str, bytes, bool, np.bool_)):
+        raise TypeError("roi_pool: spatial_scale must be a static Python or numpy number, not a "
+                        f"traced value{_STATIC_HINT}")
+    if isinstance(spatial_scale, (str, bytes, bool)) or getattr(spatial_scale, "dtype", None) == bool:
         raise TypeError(f"roi_pool: spatial_scale must be a number, got {spatial_scale!r}")
     try:
         scale = float(spatial_scale)
@@ -200,12 +207,16 @@ def as_rois_array(rois) -> jax.Array:
             "(torchvision's list form), pass jax_roipool.boxes_to_rois(boxes)") from err
 
 
+def _rois_shape_error(name: str, shape) -> ValueError:
+    return ValueError(f"roi_pool: {name} must have shape [R, 5], rows (batch_index, x1, y1, x2, "
+                      f"y2), or [N, K, 4], per-image rows (x1, y1, x2, y2); got {shape}")
+
+
 def check_rois(rois, name: str = "rois") -> jax.Array:
     """[R, 5] rows (batch_index, x1, y1, x2, y2), cast to the coordinate dtype."""
     rois = jnp.asarray(rois)
     if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError(f"roi_pool: {name} must have shape [R, 5] (batch_index, x1, y1, x2, y2), "
-                         f"got {rois.shape}")
+        raise _rois_shape_error(name, rois.shape)
     return _cast_coordinates(rois, name)
 
 
@@ -213,7 +224,7 @@ def check_boxes(boxes, batch: int, name: str = "rois") -> jax.Array:
     """[N, K, 4] per-image boxes (x1, y1, x2, y2), cast to the coordinate dtype."""
     boxes = jnp.asarray(boxes)
     if boxes.ndim != 3 or boxes.shape[2] != 4:
-        raise ValueError(f"roi_pool: per-image {name} must have shape [N, K, 4], got {boxes.shape}")
+        raise _rois_shape_error(name, boxes.shape)
     if boxes.shape[0] != batch:
         raise ValueError(f"roi_pool: per-image {name} have batch {boxes.shape[0]} but features "
                          f"have batch {batch}")
@@ -238,9 +249,10 @@ def check_image_count(dtype, images, caller: str = "roi_pool") -> None:
         return
     digits = np.finfo(dtype).nmant + 1
     if images > 2**digits:
-        raise ValueError(f"{caller}: {images} images (more than 2**{digits}, counting vmapped "
-                         f"copies) have inexact {dtype} image indices: use "
-                         f"{_WIDER_INDEX[dtype]}")
+        # roi_pool's count includes the images' vmapped copies; boxes_to_rois' has none.
+        copies = ", counting vmapped copies" if caller == "roi_pool" else ""
+        raise ValueError(f"{caller}: {images} images (more than 2**{digits}{copies}) have "
+                         f"inexact {dtype} image indices: use {_WIDER_INDEX[dtype]}")
 
 
 def check_image_boxes(boxes, name: str) -> jax.Array:

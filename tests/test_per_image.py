@@ -476,7 +476,7 @@ def test_boxes_to_rois_dtypes_and_empty():
     assert jrp.boxes_to_rois([np.zeros((1, 4), jnp.bfloat16)]).dtype == jnp.float32
     mixed = [np.ones((1, 4), jnp.bfloat16), np.ones((2, 4), np.float16)]
     assert jrp.boxes_to_rois(mixed).dtype == jnp.float32
-    with pytest.raises(ValueError, match=r"boxes_to_rois: 2049 images \(more than 2\*\*11.*"
+    with pytest.raises(ValueError, match=r"boxes_to_rois: 2049 images \(more than 2\*\*11\) have "
                                          "inexact float16 image indices: use float32 boxes"):
         jrp.boxes_to_rois([np.zeros((0, 4), np.float16)] * 2049)
     assert jrp.boxes_to_rois([np.zeros((0, 4), np.float16)] * 2048).dtype == jnp.float16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,9 @@ BAD_CASES = {
     "spatial_scale_str": (dict(spatial_scale="half"), TypeError, "spatial_scale"),
     "spatial_scale_numeric_str": (dict(spatial_scale="0.5"), TypeError, "spatial_scale"),
     "spatial_scale_bool": (dict(spatial_scale=True), TypeError, "spatial_scale"),
+    "spatial_scale_numpy_bool": (dict(spatial_scale=np.bool_(True)), TypeError, "spatial_scale"),
+    "spatial_scale_bool_array": (dict(spatial_scale=np.array(True)), TypeError, "spatial_scale"),
+    "spatial_scale_jax_bool": (dict(spatial_scale=jnp.array(True)), TypeError, "spatial_scale"),
     # Finite in float64 but not in float32, where float32 rois are scaled.
     "spatial_scale_overflows_float32": (dict(spatial_scale=1e39), ValueError, "spatial_scale"),
     "spatial_scale_underflows_float32": (dict(spatial_scale=1e-50), ValueError,
@@ -112,8 +117,12 @@ def test_good_arguments_pass():
 
 
 def test_traced_spatial_scale_rejected():
-    with pytest.raises(TypeError, match="spatial_scale"):
+    with pytest.raises(TypeError, match="spatial_scale must be a static.*static_argnums"):
         jax.jit(lambda s: jrp.roi_pool(FEATURES, ROIS, 2, s))(0.5)
+    # A jax constant made inside the traced function is traced too: the error
+    # says so, and what to pass instead.
+    with pytest.raises(TypeError, match="spatial_scale must be a static.*jnp.float32.*numpy"):
+        jax.jit(lambda f: jrp.roi_pool(f, ROIS, 2, 1 / jnp.float32(4)))(FEATURES)
 
 
 def test_concrete_array_output_size_under_jit():
@@ -125,8 +134,10 @@ def test_concrete_array_output_size_under_jit():
 
 def test_traced_output_size_rejected_as_not_static():
     for output_size in (lambda s: s, lambda s: (2, s)):
-        with pytest.raises(TypeError, match="output_size must be static"):
+        with pytest.raises(TypeError, match="output_size must be static.*static_argnums"):
             jax.jit(lambda s: jrp.roi_pool(FEATURES, ROIS, output_size(s)))(2)
+    with pytest.raises(TypeError, match="output_size must be static.*constant made there"):
+        jax.jit(lambda f: jrp.roi_pool(f, ROIS, jnp.int32(2)))(FEATURES)
 
 
 def test_float64_rois_without_x64_are_accepted():
@@ -137,8 +148,11 @@ def test_float64_rois_without_x64_are_accepted():
 
 
 def test_errors_name_the_shape_or_dtype():
-    with pytest.raises(ValueError, match=r"\(3, 4\)"):
-        jrp.roi_pool(FEATURES, np.zeros((3, 4), np.float32), 2)
+    # Either rank names both forms: a [N, K, 5] array is not taken for per-image boxes alone.
+    for shape in ((3, 4), (2, 3, 5)):
+        with pytest.raises(ValueError, match=r"\[R, 5\], .*\[N, K, 4\], .*got " + re.escape(
+                str(shape))):
+            jrp.roi_pool(FEATURES, np.zeros(shape, np.float32), 2)
     with pytest.raises(TypeError, match="int32"):
         jrp.roi_pool(FEATURES.astype(np.int32), ROIS, 2)
 
