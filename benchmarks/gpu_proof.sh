@@ -8,8 +8,8 @@
 #   build      pip install --no-build-isolation --no-index -e . with the CUDA
 #              kernels required (JAX_ROIPOOL_CUDA=ON), then imports them
 #   demo       python3 -m jax_roipool: the seed example, on the GPU
-#   gpu        tests/test_gpu.py: GPU vs CPU kernels bit for bit, vs torchvision
 #   bench      benchmarks/bench_gpu.py, its table and JSON written beside the logs
+#   gpu        tests/test_gpu.py: GPU vs CPU kernels bit for bit, vs torchvision
 #   sanitizer  compute-sanitizer memcheck over part of test_gpu.py
 #   suite      the rest of the test suite (test_gpu.py is step gpu's)
 #   wide       not a default step: the CUDA build with 4 channels per thread
@@ -17,9 +17,13 @@
 #              random cases and gradients, bench_gpu.py into $OUT/wide; then,
 #              as a step of its own (rebuild), the default build (1) again
 #
-# Usage: benchmarks/gpu_proof.sh [--budget SECONDS] [STEP ...]
+# Steps joined by "+" run side by side: the default runs the three checks
+# that time nothing (gpu, sanitizer, suite) together after the benchmark,
+# which has the machine to itself, so that all of them fit in the budget.
+#
+# Usage: benchmarks/gpu_proof.sh [--budget SECONDS] [STEP[+STEP...] ...]
 #   (default: 540 s, which leaves a 600 s device command time to return its
-#   files; steps: build demo gpu bench sanitizer suite)
+#   files; steps: build demo bench gpu+sanitizer+suite)
 # Each step's log goes to $OUT (default ./gpu-proof) and the end of each is
 # printed, then a summary. The exit status is 1 if any step failed, timed
 # out or was skipped for lack of time.
@@ -41,12 +45,14 @@ if [ "${1:-}" = "--budget" ]; then
 fi
 deadline=$((SECONDS + budget))
 steps=("$@")
-if [ ${#steps[@]} -eq 0 ]; then steps=(build demo gpu bench sanitizer suite); fi
+if [ ${#steps[@]} -eq 0 ]; then steps=(build demo bench gpu+sanitizer+suite); fi
 for s in "${steps[@]}"; do
-  case $s in
-    build | demo | gpu | bench | sanitizer | suite | wide) ;;
-    *) echo "unknown step: $s (build, demo, gpu, bench, sanitizer, suite, wide)"; exit 2 ;;
-  esac
+  for name in ${s//+/ }; do
+    case $name in
+      build | demo | gpu | bench | sanitizer | suite | wide) ;;
+      *) echo "unknown step: $name (build, demo, gpu, bench, sanitizer, suite, wide)"; exit 2 ;;
+    esac
+  done
 done
 
 if ! command -v nvcc >/dev/null; then
@@ -82,16 +88,17 @@ xdist() {  # pytest-xdist arguments for $1 workers, where it is installed
 export OUT_DIR=$out
 export -f build_with_channels_per_thread wide_build_check
 
-summary=()
-status=0
+# Steps may run side by side, in subshells: each reports through files here.
+results=$(mktemp -d)
+trap 'rm -rf "$results"' EXIT
 run_step() {  # run_step NAME CAP_SECONDS COMMAND...
-  local name=$1 cap=$2 start=$SECONDS rc
+  local name=$1 cap=$2 start=$SECONDS rc line
   shift 2
   local left=$((deadline - SECONDS))
   if [ "$left" -lt 30 ]; then
     echo "=== $name: skipped, $left s of the budget left"
-    summary+=("$name: skipped (budget)")
-    status=1
+    echo "$name: skipped (budget)" >>"$results/summary"
+    : >"$results/failed"
     return
   fi
   local limit=$((cap < left ? cap : left))
@@ -99,41 +106,49 @@ run_step() {  # run_step NAME CAP_SECONDS COMMAND...
   timeout -k 10 "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1
   rc=$?
   local took=$((SECONDS - start))
-  echo "=== $name: exit $rc after $took s"
-  tail -n 12 "$out/$name.log"
   case $rc in
-    0) summary+=("$name: ok, $took s") ;;
-    124 | 137) summary+=("$name: TIMED OUT after $took s"); status=1 ;;
-    *) summary+=("$name: FAILED (exit $rc) after $took s"); status=1 ;;
+    0) line="$name: ok, $took s" ;;
+    124 | 137) line="$name: TIMED OUT after $took s" ;;
+    *) line="$name: FAILED (exit $rc) after $took s" ;;
   esac
+  [ "$rc" -eq 0 ] || : >"$results/failed"
   if [ "$name" = sanitizer ] && grep -q "Device not supported" "$out/$name.log"; then
-    summary+=("  $name: compute-sanitizer does not support this machine's GPU setup")
+    line+=$'\n'"  $name: compute-sanitizer does not support this machine's GPU setup"
   fi
+  echo "$line" >>"$results/summary"
+  # One write, so that the reports of steps run side by side do not interleave.
+  printf '%s\n' "=== $name: exit $rc after $took s" "$(tail -n 12 "$out/$name.log")"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-echo "nvcc: $(command -v nvcc || echo missing); compute-sanitizer:" \
-  "${sanitizer:-missing}; budget $budget s"
-# shellcheck disable=SC2046  # xdist's arguments are split on purpose
-for s in "${steps[@]}"; do
-  case $s in
+run_named_step() {
+  case $1 in
     build) run_step build 300 build_with_channels_per_thread 1 ;;
     demo) run_step demo 60 python3 -m jax_roipool ;;
-    gpu) run_step gpu 300 python3 -m pytest -q -rs $(xdist 4) tests/test_gpu.py ;;
     bench) run_step bench 240 python3 benchmarks/bench_gpu.py --results-dir "$out" ;;
+    # shellcheck disable=SC2046  # xdist's arguments are split on purpose
+    gpu) run_step gpu 300 python3 -m pytest -q -rs $(xdist 4) tests/test_gpu.py ;;
     # One cudaMalloc per buffer, so that memcheck sees the bounds of each.
     # Failed CUDA API calls are not counted: XLA makes some on purpose.
-    sanitizer) run_step sanitizer 180 env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    sanitizer) run_step sanitizer 240 env XLA_PYTHON_CLIENT_ALLOCATOR=platform \
       "${sanitizer:-compute-sanitizer}" --tool memcheck --report-api-errors no --launch-timeout 0 \
       --error-exitcode 1 \
       python3 -m pytest -q -x tests/test_gpu.py \
       -k "random_cases_match_cpu and float32 or gradients_match_cpu and fast_rcnn or per_image or batched_jvps or roi_order and float32" ;;
+    # shellcheck disable=SC2046
     suite) run_step suite 300 python3 -m pytest -q -rs $(xdist 8) --ignore=tests/test_gpu.py ;;
     # The default build again, whatever became of the wide one.
     wide) run_step wide 360 wide_build_check
       run_step rebuild 300 build_with_channels_per_thread 1 ;;
   esac
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "nvcc: $(command -v nvcc || echo missing); compute-sanitizer:" \
+  "${sanitizer:-missing}; budget $budget s"
+for s in "${steps[@]}"; do
+  for name in ${s//+/ }; do run_named_step "$name" & done
+  wait
 done
 echo "=== summary (logs in $out)"
-printf '%s\n' "${summary[@]}"
-exit $status
+cat "$results/summary"
+[ ! -e "$results/failed" ]
