@@ -2,7 +2,7 @@
 # The whole GPU check of jax_roipool in one command that ends within a time
 # budget, for a machine with an NVIDIA GPU whose python3 has jax with CUDA,
 # CUDA torch + torchvision, pybind11, scikit-build-core, nvcc and
-# compute-sanitizer (no network needed). Steps, most important first; each
+# compute-sanitizer (no network needed). Steps, in their default order; each
 # stops at its own cap or at the end of the budget, whichever comes first:
 #
 #   build      pip install --no-build-isolation --no-index -e . with the CUDA

@@ -15,12 +15,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_proof.sh"
 
 # Every call prints when it starts and ends (into the step's log) and sleeps
-# a second; a call whose arguments contain $FAKE_FAIL exits 3. No xdist, so
-# the steps' pytest commands carry no -n.
+# 2 s, so that steps started side by side overlap even on a loaded machine;
+# a call whose arguments contain $FAKE_FAIL exits 3. No xdist, so the steps'
+# pytest commands carry no -n.
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in *"import xdist"*) exit 1 ;; esac
 echo "start $(date +%s.%N) $*"
-sleep 1
+sleep 2
 echo "end $(date +%s.%N)"
 if [ -n "${FAKE_FAIL:-}" ] && [[ "$*" == *"$FAKE_FAIL"* ]]; then exit 3; fi
 """
@@ -90,7 +91,7 @@ def test_a_failed_step_fails_the_run_but_not_the_steps_beside_it(tmp_path):
 
 
 def test_steps_left_without_budget_are_skipped_and_fail_the_run(tmp_path):
-    # 30 s: demo runs (1 s or more), then less than the 30 s a step needs is left.
+    # 30 s: demo runs (2 s or more), then less than the 30 s a step needs is left.
     proc, _, summary = run_script(tmp_path, "--budget", "30", "demo", "bench+gpu")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert outcomes(summary) == {"demo": "ok", "bench": "skipped (budget)",
