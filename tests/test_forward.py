@@ -221,6 +221,9 @@ SPAN_CASES = [
     (-(2.0**31), 20.0, 1.0, "partition", 1, np.float64, [None]),  # size 2^31 + 20
     (-(2.0**31) + 128, 20.0, 1.0, "partition", 1, np.float64, [(0, 20)]),
     (-(2.0**31) - 256, 2.0, 1.0, "fast_rcnn", 1, np.float32, [None]),  # corner overflows
+    # Halves round away from zero in float64 too (to even would give 0 and 2).
+    (0.5, 2.5, 1.0, "fast_rcnn", 1, np.float64, [(1, 4)]),
+    (0.5, 2.5, 1.0, "partition", 1, np.float64, [(1, 3)]),
     (0.0, 3.0, 1.0, "partition", 1, np.float32, [(0, 3)]),
     (0.5, 2.5, 1.0, "partition", 1, np.float32, [(1, 3)]),
     (2.0, 2.0, 1.0, "partition", 2, np.float32, [None, None]),  # empty region
@@ -358,6 +361,17 @@ def test_float16_rois_take_float16_geometry(dtype, layout):
     assert moved > 0
 
 
+def test_float16_rois_round_the_region_length():
+    # torchvision converts the int length to float16 before dividing: 2049
+    # cells become 2048, and 2048 / 3 rounds to 682.5, so bin 1 starts at
+    # cell 682 (at 683 from the exact length), as torchvision's does.
+    features = probe_features(1, 700, "NHWC")
+    rois = np.array([[0, 0, 0, 2048, 0]], np.float16)
+    out, arg = check_case(features, rois, (1, 3))
+    columns = [span and span[1] for span in decode_spans(out, arg, "NHWC")[0]]
+    assert columns == [(0, 683), (682, 700), None]
+
+
 def test_float16_rois_where_float16_overflows():
     # Where torchvision's float16 arithmetic overflows (its result is then
     # undefined): a scaled corner from 65520 on makes the RoI invalid; a
@@ -385,6 +399,9 @@ def test_float16_rois_where_float16_overflows():
     assert out[0, 0, 0, 0] == features[0, 3, 3, 0] and set(np.unique(out)) == {0, 21}
     out, arg = check_case(features, rois[3:], (1, 65530), 1.0)
     assert (arg == -1).all()
+    # A bin ending at 65504, the largest float16, is finite: it covers the map.
+    out, _ = check_case(features, np.array([[0, 0, 0, 65504, 4]], np.float16), 1, 1.0)
+    assert out[0, 0, 0, 0] == features[0].max()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -205,6 +205,9 @@ INT32_EDGES = [
     (np.float64, (5, -(2**31) + 2), "partition", 2, False),  # last - first wraps
     (np.float64, (-(2**31) + 5, 5), "partition", 2, False),  # size 2^31
     (np.float64, (-(2**31) + 6, 5), "partition", 2, True),  # size INT32_MAX
+    (np.float32, (0, 2**31), "fast_rcnn", 1, False),  # last corner 2^31, outside int32
+    (np.float64, (0, 2**31 - 0.5), "partition", 2, False),  # rounds half away to 2^31
+    (np.float64, (0, 2**31 - 1), "partition", 2, True),  # last corner INT32_MAX
 ]
 
 
