@@ -364,7 +364,7 @@ def test_float16_rois_take_float16_geometry(dtype, layout):
 def test_float16_rois_round_the_region_length():
     # torchvision converts the int length to float16 before dividing: 2049
     # cells become 2048, and 2048 / 3 rounds to 682.5, so bin 1 starts at
-    # cell 682 (at 683 from the exact length), as torchvision's does.
+    # cell 682 (at 683 from the exact length): torchvision 0.29.1 gives the same.
     features = probe_features(1, 700, "NHWC")
     rois = np.array([[0, 0, 0, 2048, 0]], np.float16)
     out, arg = check_case(features, rois, (1, 3))

@@ -273,3 +273,24 @@ def test_16bit_grad_rounds_the_float32_sum_to_nearest_even(dtype, layout):
         want = want.transpose(0, 3, 1, 2)
     grad = vjp_features(features, rois, cotangent, 1, 1.0, layout, "fast_rcnn")
     assert_bitwise(grad, want, "rounded 16-bit gradient")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_grad_with_zero_rois_is_zero(layout, dtype):
+    # With no RoI the scatter must still write its whole gradient: XLA hands
+    # it a reused buffer, which the same jitted function's other work has
+    # filled by the second call.
+    features = np.ones(feature_shape(1, 32, 32, 16, layout), dtype)
+    rois = np.zeros((0, 5), np.float32)
+
+    @jax.jit
+    def fn(f):
+        filler = jnp.sum(jnp.cumsum(jnp.sin(f * 3 + 1), axis=1))
+        grad = jax.grad(lambda f: jnp.sum(jrp.roi_pool(f, rois, 2, layout=layout)))(f)
+        return jnp.cumsum(grad, axis=2) * 2, filler
+
+    with x64_for(dtype):
+        for _ in range(3):
+            grad = fn(features)[0]
+            assert grad.dtype == dtype and not np.asarray(grad).any()

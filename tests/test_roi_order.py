@@ -137,6 +137,17 @@ def hand_written_forward(features, rois, order):
         (2, 2), 1.0, "NHWC", "fast_rcnn")))(features, rois, order)
 
 
+def hand_written_argmax_op(name, features, rois, order):
+    """The CPU gather (of the features) or scatter (of ones) called directly
+    with a given order operand."""
+    pooled_shape = (len(rois), 2, 2, features.shape[-1])
+    source = features if name == "roipool_gather" else np.ones(pooled_shape, features.dtype)
+    shape = pooled_shape if name == "roipool_gather" else features.shape
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, features.dtype))
+    return jax.jit(lambda s, f, r, o: call(s, f, r, o, **_native._pool_attrs(
+        (2, 2), 1.0, "NHWC", "fast_rcnn")))(source, features, rois, order)
+
+
 def test_hand_written_orders_are_checked():
     rng = np.random.default_rng(9)
     features = random_features(rng, (2, 9, 8, 3), np.float32)
@@ -153,6 +164,14 @@ def test_hand_written_orders_are_checked():
     for order in ([-1, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 4]):
         with pytest.raises(Exception, match=r"order must be a permutation of \[0, R\)"):
             hand_written_forward(features, rois, np.array(order, np.int32))
+        for name in ("roipool_gather", "roipool_scatter"):
+            with pytest.raises(Exception, match=r"order must be a permutation of \[0, R\)"):
+                hand_written_argmax_op(name, features, rois, np.array(order, np.int32))
+    # A permutation changes neither the gather nor the scatter.
+    want_grad = jax.grad(lambda f: jnp.sum(jrp.roi_pool(f, rois, 2)))(features)
+    for name, want in (("roipool_gather", want_out), ("roipool_scatter", want_grad)):
+        got = hand_written_argmax_op(name, features, rois, np.array([5, 3, 1, 0, 2, 4], np.int32))
+        assert_bitwise(np.asarray(got), np.asarray(want), name)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
