@@ -128,24 +128,28 @@ def test_per_image_boxes_and_vmap_give_the_same_results_in_roi_order(monkeypatch
         np.testing.assert_allclose(b, a, rtol=1e-6)
 
 
+def hand_written_call(name, results, *operands):
+    """A CPU kernel called directly (2x2 NHWC fast_rcnn bins), with the
+    operands given, the order among them."""
+    call = jax.ffi.ffi_call(name, results)
+    attrs = _native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn")
+    return jax.jit(lambda *args: call(*args, **attrs))(*operands)
+
+
 def hand_written_forward(features, rois, order):
-    """The CPU forward kernel called directly with a given order operand."""
     out_shape = jax.ShapeDtypeStruct((len(rois), 2, 2, features.shape[-1]), features.dtype)
     argmax_shape = jax.ShapeDtypeStruct(out_shape.shape, np.int32)
-    call = jax.ffi.ffi_call("roipool_forward", (out_shape, argmax_shape))
-    return jax.jit(lambda f, r, o: call(f, r, o, **_native._pool_attrs(
-        (2, 2), 1.0, "NHWC", "fast_rcnn")))(features, rois, order)
+    return hand_written_call("roipool_forward", (out_shape, argmax_shape),
+                             features, rois, order)
 
 
 def hand_written_argmax_op(name, features, rois, order):
-    """The CPU gather (of the features) or scatter (of ones) called directly
-    with a given order operand."""
+    """The gather of the features, or the scatter of ones."""
     pooled_shape = (len(rois), 2, 2, features.shape[-1])
     source = features if name == "roipool_gather" else np.ones(pooled_shape, features.dtype)
     shape = pooled_shape if name == "roipool_gather" else features.shape
-    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, features.dtype))
-    return jax.jit(lambda s, f, r, o: call(s, f, r, o, **_native._pool_attrs(
-        (2, 2), 1.0, "NHWC", "fast_rcnn")))(source, features, rois, order)
+    return hand_written_call(name, jax.ShapeDtypeStruct(shape, features.dtype),
+                             source, features, rois, order)
 
 
 def test_hand_written_orders_are_checked():
