@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import reference_loop  # noqa: E402
+from jax_roipool import _native  # noqa: E402
 
 # Tests run on the CPU (the native CPU kernels) unless they place their
 # arrays on a GPU themselves, as test_gpu.py does: on a machine with a GPU,
@@ -86,6 +87,15 @@ def random_features(rng, shape, dtype, kind="normal"):
     else:
         raise ValueError(kind)
     return values.reshape(shape).astype(dtype)
+
+
+def every_16bit_value(dtype, layout):
+    """A 4x4 map of 4096 channels that holds every bit pattern of a 16-bit
+    type (NaN payloads and signalling NaNs too), in order, as features of the
+    given layout. In NCHW the CPU kernels' layout transposes move it in whole
+    4x4 blocks (SSE registers on x86)."""
+    values = np.arange(2**16, dtype=np.uint16).view(dtype)
+    return values.reshape((1, 4, 4, -1) if layout == "NHWC" else (1, -1, 4, 4))
 
 
 def random_rois(rng, n, h, w, r, spatial_scale=1.0, *, dtype=np.float32, adversarial=True):
@@ -210,6 +220,22 @@ def assert_bitwise(got, want, what):
     keep = ~np.isnan(g64)
     assert np.array_equal(got.view(bits)[keep], want.view(bits)[keep]), \
         f"{what}: {np.sum(got.view(bits)[keep] != want.view(bits)[keep])} elements differ"
+
+
+def hand_written_call(name, results, *operands, **attrs):
+    """A kernel called directly by its custom-call target (on the CPU), the
+    operands given in the order given, and waited for (a kernel's error comes
+    with its results): 2x2 NHWC fast_rcnn bins, except for the raw attribute
+    values in ``attrs``. An operand may be a function that makes it inside
+    the call."""
+    call = jax.ffi.ffi_call(name, results)
+    attrs = {**_native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn"), **attrs}
+
+    def run(*arrays):
+        given = iter(arrays)
+        return call(*(op() if callable(op) else next(given) for op in operands), **attrs)
+
+    return jax.block_until_ready(jax.jit(run)(*(op for op in operands if not callable(op))))
 
 
 def adversarial_rois(n, h, w, spatial_scale=1.0, dtype=np.float32):

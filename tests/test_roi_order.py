@@ -19,7 +19,7 @@ import pytest
 
 import jax_roipool as jrp
 from conftest import (BINS, DTYPES, LAYOUTS, all_ops_case, assert_bitwise, dtype_id,
-                      feature_shape, random_features, random_rois, x64_for)
+                      feature_shape, hand_written_call, random_features, random_rois, x64_for)
 from jax_roipool import _native
 
 PLATFORMS = ["cpu"] + (["cuda"] if _native.cuda is not None else [])
@@ -126,14 +126,6 @@ def test_per_image_boxes_and_vmap_give_the_same_results_in_roi_order(monkeypatch
     own, ordered = pooled_in_both_orders(monkeypatch, fn, features, boxes)
     for a, b in zip(jax.tree_util.tree_leaves(own), jax.tree_util.tree_leaves(ordered)):
         np.testing.assert_allclose(b, a, rtol=1e-6)
-
-
-def hand_written_call(name, results, *operands):
-    """A CPU kernel called directly (2x2 NHWC fast_rcnn bins), with the
-    operands given, the order among them."""
-    call = jax.ffi.ffi_call(name, results)
-    attrs = _native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn")
-    return jax.jit(lambda *args: call(*args, **attrs))(*operands)
 
 
 def hand_written_forward(features, rois, order):

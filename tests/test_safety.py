@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -13,7 +14,7 @@ import jax_roipool as jrp
 import jax_roipool.reference as ref
 import reference_loop
 from conftest import (BINS, DTYPES, LAYOUTS, assert_exact, check_case, dtype_id, feature_shape,
-                      random_features, x64_for)
+                      hand_written_call, random_features, x64_for)
 
 N, H, W, C = 2, 8, 10, 3
 VALID = [1, 1, 2, 8, 7]  # a box well inside image 1
@@ -320,24 +321,18 @@ def test_hand_written_gather_and_scatter_shapes_are_checked():
     # A gather's source (a scatter's gradient) holds whole copies of the
     # features' images, copy-major: anything else is refused by the kernels
     # themselves, for custom calls written by hand.
-    from jax_roipool import _native
-
     features = features_for("NHWC")
     rois = np.array([[0] + VALID[1:], [5] + VALID[1:]], np.float32)
     out_shape = jax.ShapeDtypeStruct((2, 2, 2, C), np.float32)
-
-    attrs = _native._pool_attrs((2, 2), 1.0, "NHWC", "fast_rcnn")
+    no_order = np.zeros((0,), np.int32)
 
     def gather(source):
-        call = jax.ffi.ffi_call("roipool_gather", out_shape)
-        return jax.jit(lambda s, f, r: call(s, f, r, np.zeros((0,), np.int32), **attrs))(
-            source, features, rois)
+        return hand_written_call("roipool_gather", out_shape, source, features, rois, no_order)
 
     def scatter(images):
-        grad_shape = jax.ShapeDtypeStruct((images, H, W, C), np.float32)
-        call = jax.ffi.ffi_call("roipool_scatter", grad_shape)
-        return jax.jit(lambda c, f, r: call(c, f, r, np.zeros((0,), np.int32), **attrs))(
-            np.ones(out_shape.shape, np.float32), features, rois)
+        return hand_written_call("roipool_scatter",
+                                 jax.ShapeDtypeStruct((images, H, W, C), np.float32),
+                                 np.ones(out_shape.shape, np.float32), features, rois, no_order)
 
     three = np.concatenate([features] * 3)  # copy-major: image 5 pools features image 1
     got = np.asarray(gather(three))
@@ -348,5 +343,108 @@ def test_hand_written_gather_and_scatter_shapes_are_checked():
         gather(three[:N * 3 - 1])  # not whole copies
     with pytest.raises(Exception, match="source must be like features"):
         gather(three[..., :C - 1])
+    with pytest.raises(Exception, match="source must be like features"):
+        gather(three[:, :H - 1])
     with pytest.raises(Exception, match="grad like features"):
         scatter(N + 1)
+
+
+def _struct(shape, dtype=np.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# Custom calls written by hand with one thing wrong, by what is wrong:
+# (target, results, operands before the order, raw attributes, the kernel's
+# error). The operands are a gather's source or a scatter's cotangent (none
+# for the forward), the features and the rois; the order is empty.
+_FEATURES = np.zeros((1, 4, 4, 3), np.float32)
+_ROIS = np.array([[0, 0, 0, 3, 3]], np.float32)
+_POOLED = _struct((1, 2, 2, 3))
+_CELLS = _struct((1, 2, 2, 3), np.int32)
+_ORDER = np.zeros((0,), np.int32)
+# 2**31 cells of bfloat16 zeros (4 GiB), made inside the call: argmax cells
+# would overflow int32. (A zero-size map will not do: XLA drops a custom call
+# whose results are all empty.)
+_HUGE = functools.partial(jnp.zeros, (2**15, 2**8, 2**8, 1), jnp.bfloat16)
+_FORWARD_ERROR = "output/argmax shape or dtype does not match the inputs"
+_GATHER_ERROR = "source must be like features, output pooled"
+_SCATTER_ERROR = "cotangent must be pooled, grad like features"
+_BAD_CALLS = {
+    "layout code": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS),
+                    dict(layout=np.int32(2)), "unknown layout code"),
+    "bins code": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS),
+                  dict(bins=np.int32(7)), "unknown bins code"),
+    "pooled height 0": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS),
+                        dict(pooled_h=np.int32(0)), "pooled size must be > 0"),
+    "pooled width -1": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS),
+                        dict(pooled_w=np.int32(-1)), "pooled size must be > 0"),
+    "features rank 3": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES[0], _ROIS), {},
+                        r"features must be rank 4 and rois \[R, 5\]"),
+    "rois [R, 4]": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS[:, :4]), {},
+                    r"features must be rank 4 and rois \[R, 5\]"),
+    "rois rank 1": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS[0]), {},
+                    r"features must be rank 4 and rois \[R, 5\]"),
+    "N * H * W 2**31": ("roipool_forward",
+                        (_struct((1, 2, 2, 1), jnp.bfloat16), _struct((1, 2, 2, 1), np.int32)),
+                        (_HUGE, _ROIS), {}, r"N \* H \* W must fit in int32"),
+    "H 2**31": ("roipool_forward", (_struct((1, 2, 2, 1)), _struct((1, 2, 2, 1), np.int32)),
+                (np.zeros((1, 2**31, 0, 1), np.float32), _ROIS), {},
+                r"N \* H \* W must fit in int32"),
+    "output shape": ("roipool_forward", (_struct((1, 2, 3, 3)), _CELLS), (_FEATURES, _ROIS), {},
+                     _FORWARD_ERROR),
+    "output dtype": ("roipool_forward", (_struct((1, 2, 2, 3), np.float16), _CELLS),
+                     (_FEATURES, _ROIS), {}, _FORWARD_ERROR),
+    "argmax shape": ("roipool_forward", (_POOLED, _struct((1, 2, 2, 2), np.int32)),
+                     (_FEATURES, _ROIS), {}, _FORWARD_ERROR),
+    "features int32": ("roipool_forward", (_struct((1, 2, 2, 3), np.int32), _CELLS),
+                       (_FEATURES.astype(np.int32), _ROIS), {},
+                       "values must be float16, bfloat16, float32 or float64"),
+    "rois float16": ("roipool_forward", (_POOLED, _CELLS), (_FEATURES, _ROIS.astype(np.float16)),
+                     {}, "rois must be float32 or float64"),
+    "gather source dtype": ("roipool_gather", _POOLED,
+                            (_FEATURES.astype(np.float16), _FEATURES, _ROIS), {}, _GATHER_ERROR),
+    "gather output dtype": ("roipool_gather", _struct((1, 2, 2, 3), np.float16),
+                            (_FEATURES, _FEATURES, _ROIS), {}, _GATHER_ERROR),
+    "gather output shape": ("roipool_gather", _struct((1, 2, 2, 2)),
+                            (_FEATURES, _FEATURES, _ROIS), {}, _GATHER_ERROR),
+    "gather copies of no images": ("roipool_gather", _POOLED,
+                                   (_FEATURES, _FEATURES[:0], _ROIS), {}, _GATHER_ERROR),
+    "gather copies N * H * W 2**31": ("roipool_gather", _struct((1, 2, 2, 1), jnp.bfloat16),
+                                      (_HUGE, np.zeros((1, 2**8, 2**8, 1), jnp.bfloat16),
+                                       _ROIS), {},
+                                      r"N \* H \* W of the copies must fit in int32"),
+    "scatter grad dtype": ("roipool_scatter", _struct((1, 4, 4, 3), jnp.bfloat16),
+                           (np.ones((1, 2, 2, 3), np.float32), _FEATURES, _ROIS), {},
+                           _SCATTER_ERROR),
+    "scatter cotangent dtype": ("roipool_scatter", _struct((1, 4, 4, 3)),
+                                (np.ones((1, 2, 2, 3), np.float16), _FEATURES, _ROIS), {},
+                                _SCATTER_ERROR),
+    "scatter cotangent shape": ("roipool_scatter", _struct((1, 4, 4, 3)),
+                                (np.ones((1, 2, 3, 3), np.float32), _FEATURES, _ROIS), {},
+                                _SCATTER_ERROR),
+}
+
+
+@pytest.mark.parametrize("wrong", list(_BAD_CALLS))
+def test_hand_written_calls_are_checked(wrong):
+    # What the Python side rejects at trace time, the kernels refuse too
+    # (csrc/roipool_ffi.h, shared by the CPU and CUDA handlers), so that a
+    # custom call written by hand gets an error rather than reading or
+    # writing out of bounds.
+    target, results, operands, attrs, error = _BAD_CALLS[wrong]
+    with pytest.raises(Exception, match=error):
+        hand_written_call(target, results, *operands, _ORDER, **attrs)
+
+
+def test_hand_written_forward_without_argmax():
+    # The control for the bad calls above: the same call, right, pools; an
+    # empty argmax result asks for the maxima alone.
+    features = np.arange(48, dtype=np.float32).reshape(_FEATURES.shape)
+    want_out, want_arg = jrp.roi_pool_with_argmax(features, _ROIS, 2)
+    out, arg = hand_written_call("roipool_forward", (_POOLED, _CELLS), features, _ROIS, _ORDER)
+    assert_exact(out, want_out)
+    assert_exact(arg, want_arg)
+    out, arg = hand_written_call("roipool_forward", (_POOLED, _struct((0,), np.int32)),
+                                 features, _ROIS, _ORDER)
+    assert_exact(out, want_out)
+    assert arg.shape == (0,)
