@@ -176,9 +176,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<T>)
                                           d.ph, d.pw, d.bins);
     const Span sy = bin_span(g.y, ph, d.ph, d.h, d.bins);
     const Span sx = bin_span(g.x, pw, d.pw, d.w, d.bins);
-    // g.batch < count also rejects every batch index when there is no image.
-    const bool has_cell =
-        g.valid && g.batch < d.images.count() && !sy.empty() && !sx.empty();
+    const bool has_cell = g.valid && !sy.empty() && !sx.empty();
     // Channel j of the thread is group + j * G; slot j is spare when that is
     // C or more, which happens only when C is not a multiple of
     // kChannelsPerThread.

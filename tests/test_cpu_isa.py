@@ -28,7 +28,7 @@ import reference_loop
 from jax_roipool import _cpu
 from jax_roipool._native import CPU_ISAS as ISAS  # narrowest first
 from conftest import (BINS, DTYPES, LAYOUTS, adversarial_rois, assert_exact, dtype_id,
-                      feature_shape, random_features, random_rois, x64_for)
+                      every_16bit_value, feature_shape, random_features, random_rois, x64_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 5: the per-channel tail alone. 16: one AVX-512 register. 127: AVX-512
@@ -115,15 +115,6 @@ def run_cases(path):
 
 
 BITS_DTYPES = (jnp.float16, jnp.bfloat16)
-
-
-def every_16bit_value(dtype, layout):
-    """A 4x4 map of 4096 channels that holds every bit pattern of a 16-bit
-    type (NaN payloads and signalling NaNs too), in order, as features of the
-    given layout. In NCHW the kernels' layout transposes move it in whole 4x4
-    blocks (SSE registers on x86)."""
-    values = np.arange(2**16, dtype=np.uint16).view(dtype)
-    return values.reshape((1, 4, 4, -1) if layout == "NHWC" else (1, -1, 4, 4))
 
 
 def env_capped(cap):

@@ -25,13 +25,17 @@ import jax_roipool as jrp
 from jax_roipool import _checks, _native
 from jax_roipool._primitives import gather_p, scatter_p
 from conftest import (BINS, DTYPES, HOST_CXX, LAYOUTS, SCALES, adversarial_rois,
-                      assert_bitwise, assert_exact, dtype_id, feature_shape, random_features,
-                      random_rois, x64_for)
+                      assert_bitwise, assert_exact, dtype_id, every_16bit_value, feature_shape,
+                      random_features, random_rois, x64_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OPS = {"forward": 0, "gather": 1, "scatter": 2}  # roipool::Op
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+# What a forward's or gather's results hold before the kernel runs: XLA's
+# result buffers are not zeroed, so the kernel must write every element
+# (1000 is exact in every dtype and far from any test's values).
+UNWRITTEN, UNWRITTEN_CELL = 1000, -2
 
 
 def cuda_include_dir() -> str | None:
@@ -107,7 +111,10 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, orde
     (argmax None, and a null pointer to the kernel, without ``with_argmax``),
     out for gather, the (float32 for 16-bit) accumulator for scatter; RoIs
     pooled in ``order`` (int32 indices) or their own. A gather's source (a
-    scatter's gradient) holds ``copies`` copies of the images, copy-major."""
+    scatter's gradient) holds ``copies`` copies of the images, copy-major.
+    The forward's and gather's results start as UNWRITTEN; the scatter's
+    accumulator as zeros, as the CUDA handler zeroes it. The order is followed
+    in memory by more RoI indices (0), which the kernel must not read."""
     n, h, w, c = (features.shape if layout == "NHWC" else
                   (features.shape[0], features.shape[2], features.shape[3], features.shape[1]))
     pooled_shape = feature_shape(len(rois), pooled[0], pooled[1], c, layout)
@@ -116,11 +123,15 @@ def emulate(kernel, op, features, rois, value, pooled, scale, layout, bins, orde
         out = np.zeros((n * copies,) + features.shape[1:],
                        np.float64 if dtype == np.float64 else np.float32)
     else:
-        out = np.zeros(pooled_shape, dtype)
-    argmax = np.zeros(pooled_shape, np.int32) if op == "forward" and with_argmax else None
+        out = np.full(pooled_shape, UNWRITTEN, dtype)
+    argmax = (np.full(pooled_shape, UNWRITTEN_CELL, np.int32)
+              if op == "forward" and with_argmax else None)
     features, rois = np.ascontiguousarray(features), np.ascontiguousarray(rois)
     value = None if value is None else np.ascontiguousarray(value)
-    order = None if order is None else np.ascontiguousarray(order, np.int32)
+    if order is not None:
+        # Followed by RoI indices, so that a thread past the last task that
+        # read the order past its end would pool a RoI again.
+        order = np.concatenate([order, np.zeros(len(order), np.int32)]).astype(np.int32)
     pointer = lambda a: None if a is None else a.ctypes.data  # noqa: E731
     status = kernel.emulate_pool_kernel(
         OPS[op], LAYOUTS.index(layout), _native.BIN_CODES[bins], DTYPE_CODES[dtype.name], n,
@@ -184,6 +195,21 @@ def test_cuda_kernel_matches_cpu(kernel, dtype, layout, bins, seed):
     assert_bitwise(accumulator.astype(features.dtype), want_grad, "scatter")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=dtype_id)
+def test_cuda_kernel_copies_16_bit_values_bit_exactly(kernel, dtype, layout):
+    # One cell per bin: each output is its cell, bit for bit, NaN payloads
+    # and signalling NaNs included (assert_bitwise would take any NaN), as
+    # the kernel stores the chosen element itself rather than its float.
+    features = every_16bit_value(dtype, layout)
+    rois = np.array([[0, 0, 0, 3, 3]], np.float32)
+    out, _ = emulate(kernel, "forward", features, rois, None, (4, 4), 1.0, layout, "fast_rcnn")
+    assert_exact(out.view(np.uint16), features.view(np.uint16), "forward bits")
+    gathered = emulate(kernel, "gather", features, rois, features, (4, 4), 1.0, layout,
+                       "fast_rcnn")
+    assert_exact(gathered.view(np.uint16), features.view(np.uint16), "gather bits")
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_kernel_float16_rois_geometry(kernel, layout, seed):
@@ -221,13 +247,13 @@ def test_pooling_order_changes_no_result(kernel, layout):
                        emulate(kernel, op, features, rois, value, *args), f"{op} in roi_order")
 
     # Only a hand-written custom call can pass entries outside [0, R): they
-    # are skipped, so the RoIs they displaced are never pooled (emulate's
-    # outputs start as zeros) and nothing is read or written out of bounds.
+    # are skipped, so the RoIs they displaced are never pooled (their results
+    # keep what they held) and nothing is read or written out of bounds.
     bad = order.copy()
     bad[:2] = [-1, len(rois)]
     skipped = np.isin(np.arange(len(rois)), order[:2])
     out, arg = emulate(kernel, "forward", features, rois, None, *args, order=bad)
-    assert not out[skipped].any() and not arg[skipped].any()
+    assert (out[skipped] == UNWRITTEN).all() and (arg[skipped] == UNWRITTEN_CELL).all()
     assert_bitwise(out[~skipped], want_out[~skipped], "forward output, other RoIs")
 
 
