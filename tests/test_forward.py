@@ -372,6 +372,19 @@ def test_float16_rois_round_the_region_length():
     assert columns == [(0, 683), (682, 700), None]
 
 
+def test_float16_rois_scale_rounds_through_float32():
+    # torchvision's float16 kernels take the double scale as float, then
+    # float16: 1 + 2**-11 + 2**-30 becomes 1 + 2**-11 in float32, then 1 in
+    # float16 (ties to even), not 1 + 2**-10 as from the double directly. So
+    # x1 = 512 scales to 512 and the bin starts at the maximum in column 512;
+    # torchvision 0.29.1 gives the same.
+    features = np.zeros((1, 1, 600, 1), np.float16)
+    features[0, 0, 512] = 5
+    rois = np.array([[0, 512, 0, 520, 0]], np.float16)
+    out, arg = check_case(features, rois, 1, 1 + 2**-11 + 2**-30)
+    assert out.ravel().tolist() == [5] and arg.ravel().tolist() == [512]
+
+
 def test_float16_rois_where_float16_overflows():
     # Where torchvision's float16 arithmetic overflows (its result is then
     # undefined): a scaled corner from 65520 on makes the RoI invalid; a

@@ -34,11 +34,14 @@ BAD_CASES = {
     "rois_R4": (dict(rois=np.zeros((3, 4), np.float32)), ValueError, "rois"),
     "rois_R6": (dict(rois=np.zeros((3, 6), np.float32)), ValueError, "rois"),
     "rois_rank3_width5": (dict(rois=np.zeros((2, 3, 5), np.float32)), ValueError, "rois"),
+    "boxes_for_3_images_of_2": (dict(rois=np.zeros((3, 2, 4), np.float32)), ValueError,
+                                "per-image rois have batch 3 but features have batch 2"),
     "rois_int32": (dict(rois=ROIS.astype(np.int32)), TypeError, "rois"),
     "rois_bool": (dict(rois=ROIS.astype(bool)), TypeError, "rois"),
     "output_size_0": (dict(output_size=0), ValueError, "output_size"),
     "output_size_negative": (dict(output_size=-3), ValueError, "output_size"),
     "output_size_pair_with_0": (dict(output_size=(2, 0)), ValueError, "output_size"),
+    "output_size_65536": (dict(output_size=(2, 65536)), ValueError, r"\[1, 65535\]"),
     "output_size_float": (dict(output_size=2.5), TypeError, "output_size"),
     "output_size_float_in_pair": (dict(output_size=(2, 2.0)), TypeError, "output_size"),
     "output_size_bool": (dict(output_size=True), TypeError, "output_size"),
@@ -110,7 +113,8 @@ def test_good_arguments_pass():
         call(fn, **GOOD)
     for output_size, pooled in ((1, (1, 1)), ((1, 9), (1, 9)), ([3, 2], (3, 2)),
                                 (np.int64(4), (4, 4)), (np.array([3, 5]), (3, 5)),
-                                (jnp.array([2, 1]), (2, 1)), (np.array(6), (6, 6))):
+                                (jnp.array([2, 1]), (2, 1)), (np.array(6), (6, 6)),
+                                ((65535, 1), (65535, 1))):
         assert jrp.roi_pool(FEATURES, ROIS, output_size).shape[1:3] == pooled
     jrp.roi_pool(FEATURES, ROIS, 2, np.float32(0.25))
     jrp.roi_pool(FEATURES, ROIS, 2, 3)  # an int scale is a number too
@@ -188,6 +192,10 @@ def test_float64_rois_take_scales_beyond_float32(fn):
         assert_exact(far, want)
         # 4e39 cells overflow int32, as torchvision computes them: invalid RoIs.
         assert_exact(pooled(features, rois, 2, 1e39), np.zeros(far.shape))
+        # Nor does float64 take an infinite, NaN or zero scale.
+        for bad in (np.inf, np.nan, 0.0):
+            with pytest.raises(ValueError, match="spatial_scale must be finite and positive"):
+                pooled(features, rois, 2, bad)
     with pytest.raises(ValueError, match="float32"):
         pooled(features.astype(np.float32), rois.astype(np.float32), 2, 1e39)
 
@@ -220,3 +228,33 @@ def test_image_index_must_be_exact_in_float32():
 
         with pytest.raises(ValueError, match="float64"):
             jax.eval_shape(jvps, half)
+
+
+def test_feature_cells_must_fit_the_int32_argmax():
+    """N * H * W, counting vmapped copies of the images, is at most 2**31 - 1,
+    the largest argmax cell index (only traced: nothing is allocated)."""
+    error = "more than the int32 argmax can address"
+    pool = lambda f, b: jrp.roi_pool(f, b, 1)  # noqa: E731
+    boxes = np.zeros((1, 1, 4), np.float32)
+    for rois in (ROIS, boxes):
+        largest = jax.ShapeDtypeStruct((1, 1, 2**31 - 1, 1), jnp.bfloat16)
+        assert jax.eval_shape(pool, largest, rois).shape[-3:] == (1, 1, 1)
+        with pytest.raises(ValueError, match=error):
+            jax.eval_shape(pool, jax.ShapeDtypeStruct((1, 2, 2**30, 1), jnp.bfloat16), rois)
+    # Two vmapped copies of 2**30 cells are one call's 2**31.
+    half = jax.ShapeDtypeStruct((2, 1, 1, 2**30, 1), jnp.bfloat16)
+    for rois in (ROIS, boxes):
+        with pytest.raises(ValueError, match=error):
+            jax.eval_shape(jax.vmap(lambda f: pool(f, rois)), half)
+        # So does a vmap over tangents alone (copies of the shared images).
+        shared = jax.ShapeDtypeStruct(half.shape[1:], jnp.bfloat16)
+
+        def jvps(tangents):
+            return jax.vmap(lambda t: jax.jvp(lambda x: pool(x, rois), (shared,), (t,))[1])(
+                tangents)
+
+        with pytest.raises(ValueError, match=error):
+            jax.eval_shape(jvps, half)
+    # Per-image boxes of a batch of images are one call's too.
+    with pytest.raises(ValueError, match=error):
+        jax.eval_shape(jax.vmap(pool), half, np.zeros((2, 1, 1, 4), np.float32))
