@@ -317,38 +317,6 @@ def test_invalid_roi_gradient_in_mixed_batch():
     assert_exact(grad, want)
 
 
-def test_hand_written_gather_and_scatter_shapes_are_checked():
-    # A gather's source (a scatter's gradient) holds whole copies of the
-    # features' images, copy-major: anything else is refused by the kernels
-    # themselves, for custom calls written by hand.
-    features = features_for("NHWC")
-    rois = np.array([[0] + VALID[1:], [5] + VALID[1:]], np.float32)
-    out_shape = jax.ShapeDtypeStruct((2, 2, 2, C), np.float32)
-    no_order = np.zeros((0,), np.int32)
-
-    def gather(source):
-        return hand_written_call("roipool_gather", out_shape, source, features, rois, no_order)
-
-    def scatter(images):
-        return hand_written_call("roipool_scatter",
-                                 jax.ShapeDtypeStruct((images, H, W, C), np.float32),
-                                 np.ones(out_shape.shape, np.float32), features, rois, no_order)
-
-    three = np.concatenate([features] * 3)  # copy-major: image 5 pools features image 1
-    got = np.asarray(gather(three))
-    assert_exact(got[1], np.asarray(jrp.roi_pool(features, rois[:1] + [1, 0, 0, 0, 0], 2))[0])
-    assert_exact(np.asarray(scatter(3 * N))[5], np.asarray(jax.grad(
-        lambda f: jnp.sum(jrp.roi_pool(f, rois[:1] + [1, 0, 0, 0, 0], 2)))(features))[1])
-    with pytest.raises(Exception, match="source must be like features"):
-        gather(three[:N * 3 - 1])  # not whole copies
-    with pytest.raises(Exception, match="source must be like features"):
-        gather(three[..., :C - 1])
-    with pytest.raises(Exception, match="source must be like features"):
-        gather(three[:, :H - 1])
-    with pytest.raises(Exception, match="grad like features"):
-        scatter(N + 1)
-
-
 def _struct(shape, dtype=np.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
@@ -423,6 +391,37 @@ _BAD_CALLS = {
                                 (np.ones((1, 2, 3, 3), np.float32), _FEATURES, _ROIS), {},
                                 _SCATTER_ERROR),
 }
+
+
+def test_hand_written_gather_and_scatter_shapes_are_checked():
+    # A gather's source (a scatter's gradient) holds whole copies of the
+    # features' images, copy-major: anything else is refused by the kernels
+    # themselves, for custom calls written by hand.
+    features = features_for("NHWC")
+    rois = np.array([[0] + VALID[1:], [5] + VALID[1:]], np.float32)
+    out_shape = jax.ShapeDtypeStruct((2, 2, 2, C), np.float32)
+
+    def gather(source):
+        return hand_written_call("roipool_gather", out_shape, source, features, rois, _ORDER)
+
+    def scatter(images):
+        return hand_written_call("roipool_scatter",
+                                 jax.ShapeDtypeStruct((images, H, W, C), np.float32),
+                                 np.ones(out_shape.shape, np.float32), features, rois, _ORDER)
+
+    three = np.concatenate([features] * 3)  # copy-major: image 5 pools features image 1
+    got = np.asarray(gather(three))
+    assert_exact(got[1], np.asarray(jrp.roi_pool(features, rois[:1] + [1, 0, 0, 0, 0], 2))[0])
+    assert_exact(np.asarray(scatter(3 * N))[5], np.asarray(jax.grad(
+        lambda f: jnp.sum(jrp.roi_pool(f, rois[:1] + [1, 0, 0, 0, 0], 2)))(features))[1])
+    with pytest.raises(Exception, match="source must be like features"):
+        gather(three[:N * 3 - 1])  # not whole copies
+    with pytest.raises(Exception, match="source must be like features"):
+        gather(three[..., :C - 1])
+    with pytest.raises(Exception, match="source must be like features"):
+        gather(three[:, :H - 1])
+    with pytest.raises(Exception, match="grad like features"):
+        scatter(N + 1)
 
 
 @pytest.mark.parametrize("wrong", list(_BAD_CALLS))

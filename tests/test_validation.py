@@ -236,8 +236,8 @@ def test_feature_cells_must_fit_the_int32_argmax():
     error = "more than the int32 argmax can address"
     pool = lambda f, b: jrp.roi_pool(f, b, 1)  # noqa: E731
     boxes = np.zeros((1, 1, 4), np.float32)
+    largest = jax.ShapeDtypeStruct((1, 1, 2**31 - 1, 1), jnp.bfloat16)
     for rois in (ROIS, boxes):
-        largest = jax.ShapeDtypeStruct((1, 1, 2**31 - 1, 1), jnp.bfloat16)
         assert jax.eval_shape(pool, largest, rois).shape[-3:] == (1, 1, 1)
         with pytest.raises(ValueError, match=error):
             jax.eval_shape(pool, jax.ShapeDtypeStruct((1, 2, 2**30, 1), jnp.bfloat16), rois)
