@@ -452,6 +452,33 @@ def test_vmap_of_batched_jvps_and_vjps(layout, form):
                                  f"{what}: {name}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_over_tangents_alone_of_a_vmapped_per_image_call(layout):
+    """A vmap over tangents (cotangents) alone of a function that vmaps
+    per-image pooling over a batch of images [B, N, ...] itself: the gather
+    (scatter) has batched features, which the outer mapped axis shares."""
+    problems = [shared_problem(layout, "per_image", seed=40 + i) for i in range(2)]
+    features = np.stack([p[0] for p in problems])
+    boxes = np.stack([p[1] for p in problems])
+
+    def f(x):
+        return jax.vmap(lambda xi, bi: pool(xi, bi, layout)[0])(x, boxes)
+
+    rng = np.random.default_rng(41)
+    s = 3
+    tangents = random_features(rng, (s,) + features.shape, np.float32)
+    cotangents = rng.integers(-2, 3, (s,) + jax.eval_shape(f, features).shape).astype(np.float32)
+    pushed = jax.jit(jax.vmap(lambda t: jax.jvp(f, (features,), (t,))[1]))(tangents)
+    pulled = jax.jit(jax.vmap(lambda c: jax.vjp(f, features)[1](c)[0]))(cotangents)
+    for b, (x, _, flat) in enumerate(problems):
+        _, arg = loop(x, flat, layout)
+        for j in range(s):
+            want = np.where(arg >= 0, gather(tangents[j, b], arg, layout), 0.0)
+            assert_exact(np.asarray(pushed[j, b]).reshape(arg.shape), want, "gather")
+            cot = cotangents[j, b].reshape(arg.shape)
+            assert_exact(pulled[j, b], per_example_grad(x, flat, cot, layout), "scatter")
+
+
 OUTER_IN_AXES = [axes for axes in itertools.product((None, 0, 1), repeat=3)
                  if axes != (None, None, None)]
 
