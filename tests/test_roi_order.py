@@ -84,9 +84,10 @@ def test_roi_order_groups_rois_by_image_then_top_to_bottom():
                      [0, 0, 30, 9, 40],    # image 0, lower
                      [1, 5, 0, 9, 10],     # image 1, top
                      [0.5, 0, 0, 9, 10],   # image 0 (truncated), top
-                     [0, 0, 10, 9, 20]],   # image 0, middle
+                     [0, 0, 10, 9, 20],    # image 0, middle
+                     [0, 0, 5, 9, 90]],    # image 0, tall: its middle is the lowest
                     np.float32)
-    assert np.asarray(_native.roi_order(jnp.asarray(rois))).tolist() == [3, 4, 1, 2, 0]
+    assert np.asarray(_native.roi_order(jnp.asarray(rois))).tolist() == [3, 4, 1, 5, 2, 0]
 
 
 def pooled_in_both_orders(monkeypatch, fn, *args):
