@@ -469,6 +469,26 @@ def _child():
         same(g, want_g, "shard_map flat gradient")
 
     @check
+    def shard_map_shared_features():
+        # Replicated features, boxes split: the features do not vary over the
+        # manual axis while the boxes do; each device pools its boxes from all
+        # the images, and the features' gradient sums the devices' parts.
+        mesh = auto_mesh()
+        features, boxes = features_for("NHWC"), boxes_for(k=DEVICES)
+        weights = rng.integers(-2, 3, (N, DEVICES) + POOLED + (C,)).astype(np.float32)
+        for form, rois, split, w in (
+                ("per-image", boxes, P(None, "x"), weights),
+                ("flat", flat(boxes), P("x"), weights.reshape((-1,) + weights.shape[2:]))):
+            pooled = jax.shard_map(lambda f, r: jrp.roi_pool(f, r, POOLED, SCALE), mesh=mesh,
+                                   in_specs=(P(), split), out_specs=split)
+            same(jax.jit(pooled)(features, rois), pool("NHWC")(features, rois)[0],
+                 f"shard_map {form} output, shared features")
+            g = jax.jit(jax.grad(lambda f, r, w: jnp.sum(pooled(f, r) * w)))(features, rois, w)
+            want = grad("NHWC")(features, rois, w)
+            assert np.asarray(want).any()
+            same(g, want, f"shard_map {form} gradient, shared features")
+
+    @check
     def export_sharded():
         mesh = auto_mesh()
         put = putter(mesh)
@@ -506,7 +526,8 @@ def results():
 CHECKS = ["per_image_auto_mesh", "per_image_explicit_mesh", "per_image_gspmd_partitioner",
           "channels_sharded_too", "sharded_vmap", "explicit_vmap", "shared_features_vmap",
           "no_boxes", "negative_controls",
-          "flat_form_sharded", "shard_map_per_image", "shard_map_flat", "export_sharded"]
+          "flat_form_sharded", "shard_map_per_image", "shard_map_flat", "shard_map_shared_features",
+          "export_sharded"]
 
 
 @pytest.mark.parametrize("name", CHECKS)
