@@ -471,7 +471,8 @@ def test_boxes_to_rois_of_equal_lengths_is_the_flattened_per_image_form(boxes_dt
 
 
 def test_boxes_to_rois_dtypes_and_empty():
-    assert jrp.boxes_to_rois([]).shape == (0, 5)
+    empty = jrp.boxes_to_rois([])
+    assert empty.shape == (0, 5) and empty.dtype == jnp.float32
     assert jrp.boxes_to_rois([np.zeros((0, 4), np.float16)]).dtype == jnp.float16
     assert jrp.boxes_to_rois([np.zeros((1, 4), jnp.bfloat16)]).dtype == jnp.float32
     mixed = [np.ones((1, 4), jnp.bfloat16), np.ones((2, 4), np.float16)]
@@ -481,6 +482,7 @@ def test_boxes_to_rois_dtypes_and_empty():
         jrp.boxes_to_rois([np.zeros((0, 4), np.float16)] * 2049)
     assert jrp.boxes_to_rois([np.zeros((0, 4), np.float16)] * 2048).dtype == jnp.float16
     with jax.enable_x64(True):
+        assert jrp.boxes_to_rois([]).dtype == jnp.float32  # not x64's default float64
         wide = jrp.boxes_to_rois([np.ones((1, 4), np.float32), np.full((1, 4), 0.1)])
         assert wide.dtype == jnp.float64
         assert wide[1, 1] == 0.1                     # float64 coordinates kept exactly
