@@ -22,6 +22,7 @@ import pytest
 
 DEVICES = 4
 N, H, W, C, K = 8, 12, 10, 4, 5
+K_SPLIT = 8  # boxes per image where the boxes are split along K
 POOLED, SCALE = (3, 4), 0.5
 
 
@@ -489,6 +490,60 @@ def _child():
             same(g, want, f"shard_map {form} gradient, shared features")
 
     @check
+    def boxes_split_along_k():
+        # The forward and the JVP's gather keep their blocks of boxes; the
+        # scatter must not (boxes of one image add into the same cells), so
+        # the features' gradient is whole. Also with the images split over
+        # the same mesh axis as the boxes (one axis cannot split both).
+        mesh = auto_mesh()
+        put = putter(mesh)
+        k_local = (N * K_SPLIT // DEVICES, 5)  # one device's flat rois: all N, a block of K
+        for fspec in (P(), P("x")):
+            features, boxes = features_for("NHWC"), boxes_for(k=K_SPLIT)
+            want_out, want_arg = pool("NHWC")(features, boxes)
+            weights = rng.integers(-2, 3, want_out.shape).astype(np.float32)
+            want_grad = grad("NHWC")(features, boxes, weights)
+            assert np.asarray(want_grad).any()
+            fs, bs, ws = put(features, fspec), put(boxes, P(None, "x")), put(weights, P(None, "x"))
+            out, arg = pool("NHWC")(fs, bs)
+            same(out, want_out, f"output, boxes split along K, features {fspec}")
+            same(arg, want_arg, f"argmax, boxes split along K, features {fspec}")
+            same(grad("NHWC")(fs, bs, ws), want_grad,
+                 f"gradient, boxes split along K, features {fspec}")
+        # With replicated features: each device pools all the images (those
+        # split along N, above, keep theirs and gather K instead).
+        fs = put(features, P())
+        jvp = jax.jit(lambda f, b, t: jax.jvp(lambda x: jrp.roi_pool(x, b, POOLED, SCALE),
+                                              (f,), (t,))[1])
+        calls = kernel_calls(hlo(jvp, fs, bs, fs), "roipool_gather")
+        assert calls and all(ops[1:3] == [features.shape, k_local] for ops, _ in calls), calls
+        calls = kernel_calls(hlo(pool("NHWC"), fs, bs), "roipool_forward")
+        assert calls and all(ops[:2] == [features.shape, k_local] for ops, _ in calls), calls
+
+    @check
+    def result_specs_choose_mesh_axes():
+        # Mesh axes of each label come from the first operand sharding it
+        # evenly, and no mesh axis serves two labels.
+        mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        sig = _sharding.signature("forward", "NHWC")
+
+        def aval(shape, *spec):
+            return jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(mesh, P(*spec)))
+
+        def specs(features, boxes):
+            return [tuple(s) for s in _sharding.result_specs(sig, [features, boxes])]
+
+        f, b = (4, H, W, C), (4, K_SPLIT, 4)
+        pooled = (None, None, None, None, None)
+        assert specs(aval(f, "x"), aval(b, "y")) == [("x",) + pooled[1:]] * 2
+        assert specs(aval(f, "x"), aval(b, None, "x")) == [("x",) + pooled[1:]] * 2
+        assert specs(aval(f), aval(b, None, "x")) == [(None, "x") + pooled[2:]] * 2
+        assert specs(aval(f, None, None, None, "y"), aval(b, "x")) == [("x", None, None, None,
+                                                                        "y")] * 2
+        assert specs(aval((3,) + f[1:], "x"), aval((3, K_SPLIT, 4), "x")) == [pooled] * 2  # 3 / 2
+        assert specs(aval(f, None, "x"), aval(b)) == [pooled] * 2  # H is never split
+
+    @check
     def export_sharded():
         mesh = auto_mesh()
         put = putter(mesh)
@@ -527,6 +582,7 @@ CHECKS = ["per_image_auto_mesh", "per_image_explicit_mesh", "per_image_gspmd_par
           "channels_sharded_too", "sharded_vmap", "explicit_vmap", "shared_features_vmap",
           "no_boxes", "negative_controls",
           "flat_form_sharded", "shard_map_per_image", "shard_map_flat", "shard_map_shared_features",
+          "boxes_split_along_k", "result_specs_choose_mesh_axes",
           "export_sharded"]
 
 
