@@ -135,6 +135,25 @@ def test_jvp_gathers_tangent_at_argmax(layout):
                                                    layout=layout)[0], "jvp primal")
 
 
+def test_symbolic_zero_cotangent_transposes_to_a_symbolic_zero():
+    # JAX's transpose rules may be handed a symbolic zero (ad.Zero) as the
+    # cotangent; gather and scatter must answer with a symbolic zero for
+    # their linear operand rather than bind a kernel on it.
+    from jax.interpreters import ad
+    from jax_roipool import _primitives
+
+    _, features, rois = problem(5, np.float32, "NHWC")
+    config = dict(pooled=(3, 3), spatial_scale=0.5, layout="NHWC", bins="fast_rcnn", copies=1)
+    features_aval = jax.core.ShapedArray(features.shape, np.float32)
+    pooled_aval = jax.core.ShapedArray((rois.shape[0], 3, 3, features.shape[3]), np.float32)
+    for primitive, value, out in ((_primitives.gather_p, features_aval, pooled_aval),
+                                  (_primitives.scatter_p, pooled_aval, features_aval)):
+        result = ad.primitive_transposes[primitive](ad.Zero(out), ad.UndefinedPrimal(value),
+                                                    features, rois, **config)
+        assert type(result[0]) is ad.Zero and result[0].aval.shape == value.shape, result
+        assert result[1:] == [None, None]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=dtype_id)
 def test_wide_channels_with_nan_inf_and_ties(dtype, layout):
