@@ -294,6 +294,24 @@ def test_16bit_grad_rounds_the_float32_sum_to_nearest_even(dtype, layout):
     assert_bitwise(grad, want, "rounded 16-bit gradient")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=dtype_id)
+def test_pure_jax_scatter_sums_16_bit_in_float32(dtype):
+    # The pure-JAX lowering (platforms without a kernel) sums as the kernels
+    # do. Three RoIs share one cell, cotangents 1, u/2, u/2 (u: the ulp of 1):
+    # added in 16 bits, each u/2 is a tie that rounds back to 1; in float32
+    # the sum is 1 + u, exact.
+    u = float(jnp.finfo(dtype).eps)
+    features = np.zeros((1, 1, 1, 1), dtype)
+    rois = np.zeros((3, 5), np.float32)
+    cotangent = np.array([1, u / 2, u / 2], dtype).reshape(3, 1, 1, 1)
+    config = dict(pooled=(1, 1), spatial_scale=1.0, layout="NHWC", bins="fast_rcnn")
+    fallback = jax.jit(lambda c, f, r: reference.scatter(c, f, r, **config))
+    want = np.array(1 + u, dtype).reshape(features.shape)
+    assert_bitwise(fallback(cotangent, features, rois), want, "pure-JAX 16-bit gradient")
+    assert_bitwise(vjp_features(features, rois, cotangent, 1, 1.0, "NHWC", "fast_rcnn"), want,
+                   "kernel 16-bit gradient")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_grad_with_zero_rois_is_zero(layout, dtype):
