@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 import jax_roipool as jrp
 import reference_loop
 from jax_roipool import _checks, reference
-from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_exact,
-                      assert_reference_quotient_is_exact, check_case, dtype_id, feature_shape,
-                      jitted_reference, random_features, random_rois, settings, x64_for)
+from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
+                      assert_exact, assert_reference_quotient_is_exact, check_case, dtype_id,
+                      feature_shape, jitted_reference, random_features, random_rois, settings,
+                      x64_for)
 
 SEED_MAP = np.array([
     [0.88, 0.44, 0.14, 0.16, 0.37, 0.77, 0.96, 0.27],
@@ -123,6 +124,33 @@ def test_reference_has_no_float_division(ctype):
             assert divisions, "no divide at all: the pattern no longer matches StableHLO"
             # Float element types end a tensor type: tensor<f32>, tensor<3x1xf64>.
             assert not [d for d in divisions if re.search(r"[<x]b?f\d+>", d)], divisions
+
+
+@pytest.mark.parametrize("bins", BINS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_gather_and_scatter_of_copies_match_the_kernels(layout, bins):
+    # A gather's source (a scatter's gradient) holding 2 copies of the 2
+    # images: batch indices in (-1, 4) truncate to a valid image, as in the
+    # forward (-0.5 is image 0); -1, 4 and NaN name none.
+    from jax_roipool import _primitives
+
+    rng = np.random.default_rng(23)
+    shape = feature_shape(2, 5, 6, 3, layout)
+    features = random_features(rng, shape, np.float32)
+    source = random_features(rng, (4,) + shape[1:], np.float32)
+    batch = np.array([-0.5, 0, 1.7, 2.2, 3.9, 4, -1, np.nan], np.float32)
+    rois = np.concatenate([batch[:, None], np.tile([[0, 1, 4, 3]], (8, 1))], 1).astype(np.float32)
+    config = dict(pooled=(2, 3), spatial_scale=1.0, layout=layout, bins=bins, copies=2)
+    pooled = jax.eval_shape(lambda s, f, r: _primitives.gather_p.bind(s, f, r, **config),
+                            source, features, rois)
+    cotangent = random_features(rng, pooled.shape, np.float32)
+    for what, primitive, fallback, value in (
+            ("gather", _primitives.gather_p, reference.gather, source),
+            ("scatter", _primitives.scatter_p, reference.scatter, cotangent)):
+        kernel = jax.jit(lambda v, f, r: primitive.bind(v, f, r, **config))(value, features, rois)
+        assert np.asarray(kernel).any(), what
+        got = jax.jit(lambda v, f, r: fallback(v, f, r, **config))(value, features, rois)
+        assert_bitwise(got, kernel, f"pure-JAX {what} of 2 copies")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
