@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jax_roipool as jrp
 import reference_loop
-from jax_roipool import _checks, reference
+from jax_roipool import _checks, _primitives, reference
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
                       assert_exact, assert_reference_quotient_is_exact, check_case, dtype_id,
                       feature_shape, jitted_reference, random_features, random_rois, settings,
@@ -132,8 +132,6 @@ def test_reference_gather_and_scatter_of_copies_match_the_kernels(layout, bins):
     # A gather's source (a scatter's gradient) holding 2 copies of the 2
     # images: batch indices in (-1, 4) truncate to a valid image, as in the
     # forward (-0.5 is image 0); -1, 4 and NaN name none.
-    from jax_roipool import _primitives
-
     rng = np.random.default_rng(23)
     shape = feature_shape(2, 5, 6, 3, layout)
     features = random_features(rng, shape, np.float32)

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.interpreters import ad
 from jax.test_util import check_grads
 
 import jax_roipool as jrp
-from jax_roipool import reference
+from jax_roipool import _primitives, reference
 import reference_loop
 from conftest import (BINS, DTYPES, LAYOUTS, assert_bitwise, assert_exact, dtype_id, feature_shape,
                       random_features, random_rois, x64_for)
@@ -139,9 +140,6 @@ def test_symbolic_zero_cotangent_transposes_to_a_symbolic_zero():
     # JAX's transpose rules may be handed a symbolic zero (ad.Zero) as the
     # cotangent; gather and scatter must answer with a symbolic zero for
     # their linear operand rather than bind a kernel on it.
-    from jax.interpreters import ad
-    from jax_roipool import _primitives
-
     _, features, rois = problem(5, np.float32, "NHWC")
     config = dict(pooled=(3, 3), spatial_scale=0.5, layout="NHWC", bins="fast_rcnn", copies=1)
     features_aval = jax.core.ShapedArray(features.shape, np.float32)

@@ -519,6 +519,8 @@ def _child():
         assert calls and all(ops[1:3] == [features.shape, k_local] for ops, _ in calls), calls
         calls = kernel_calls(hlo(pool("NHWC"), fs, bs), "roipool_forward")
         assert calls and all(ops[:2] == [features.shape, k_local] for ops, _ in calls), calls
+        calls = kernel_calls(hlo(grad("NHWC"), fs, bs, ws), "roipool_scatter")
+        assert calls and all(ops[2] == (N * K_SPLIT, 5) for ops, _ in calls), calls
 
     @check
     def result_specs_choose_mesh_axes():
