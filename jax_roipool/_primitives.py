@@ -254,15 +254,12 @@ def _spec(x) -> tuple:
 def _merge(x, axis):
     """Merges axes ``axis`` and ``axis + 1``. With explicitly sharded types the
     merged axis is sharded like the major one; a sharded minor axis has no
-    such equivalent and is gathered first."""
+    such equivalent, and the reshape gathers it."""
     shape = x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:]
     spec = _spec(x)
     if spec[axis] is None and spec[axis + 1] is None:
         return x.reshape(shape)
     mesh = jax.typeof(x).sharding.mesh
-    if spec[axis + 1] is not None:
-        gathered = spec[:axis + 1] + (None,) + spec[axis + 2:]
-        x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*gathered)))
     merged = spec[:axis + 1] + spec[axis + 2:]
     return jnp.reshape(x, shape, out_sharding=NamedSharding(mesh, PartitionSpec(*merged)))
 
@@ -338,7 +335,7 @@ def _own_copies(features, dim, size, copies):
     features = _to_front(features, dim, size)
     if copies == 1:
         return features
-    # (_merge gathers an N sharded in the types first.)
+    # (_merge gathers an N sharded in the types.)
     return _merge(_copies_axis(features, copies), 1)
 
 
