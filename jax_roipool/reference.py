@@ -296,13 +296,10 @@ def _image_index(argmax):
 
 
 def local_to_global(argmax, features_shape, layout: str):
-    """Image-local argmax [N, K, ...] -> flat cell indices (n * H + h) * W + w.
-
-    Entries outside [0, H*W) become -1 (no cell), so they can never name a
-    cell of another image.
-    """
+    """Image-local argmax [N, K, ...] (h * W + w, or -1 for none) -> flat cell
+    indices (n * H + h) * W + w, or -1."""
     cells = _image_cells(features_shape, layout)
-    return jnp.where((argmax >= 0) & (argmax < cells), argmax + _image_index(argmax) * cells, -1)
+    return jnp.where(argmax >= 0, argmax + _image_index(argmax) * cells, -1)
 
 
 def global_to_local(argmax, features_shape, layout: str):
