@@ -288,11 +288,8 @@ def _image_cells(features_shape, layout: str) -> int:
 
 def _image_index(argmax):
     """n at every element of an [N, K, ...] array, sharded like it (sharding in types)."""
-    sharding = getattr(jax.typeof(argmax), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not any(sharding.spec):
-        sharding = None
-    return lax.broadcasted_iota(jnp.int32, argmax.shape, 0, out_sharding=sharding)
+    return lax.broadcasted_iota(jnp.int32, argmax.shape, 0,
+                                out_sharding=jax.typeof(argmax).sharding)
 
 
 def local_to_global(argmax, features_shape, layout: str):
