@@ -17,7 +17,7 @@ import reference_loop
 from jax_roipool import _checks, _primitives, reference
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
                       assert_exact, assert_reference_quotient_is_exact, check_case, dtype_id,
-                      feature_shape, jitted_reference, random_features, random_rois, settings,
+                      feature_shape, random_features, random_rois, settings,
                       x64_for)
 
 SEED_MAP = np.array([
