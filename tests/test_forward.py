@@ -17,8 +17,7 @@ import reference_loop
 from jax_roipool import _checks, _primitives, reference
 from conftest import (BINS, DTYPES, LAYOUTS, SCALES, adversarial_rois, assert_bitwise,
                       assert_exact, assert_reference_quotient_is_exact, check_case, dtype_id,
-                      feature_shape, random_features, random_rois, settings,
-                      x64_for)
+                      feature_shape, random_features, random_rois, settings, x64_for)
 
 SEED_MAP = np.array([
     [0.88, 0.44, 0.14, 0.16, 0.37, 0.77, 0.96, 0.27],

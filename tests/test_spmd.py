@@ -536,14 +536,14 @@ def _child():
             return [tuple(s) for s in _sharding.result_specs(sig, [features, boxes])]
 
         f, b = (4, H, W, C), (4, K_SPLIT, 4)
-        pooled = (None, None, None, None, None)
-        assert specs(aval(f, "x"), aval(b, "y")) == [("x",) + pooled[1:]] * 2
-        assert specs(aval(f, "x"), aval(b, None, "x")) == [("x",) + pooled[1:]] * 2
-        assert specs(aval(f), aval(b, None, "x")) == [(None, "x") + pooled[2:]] * 2
+        whole = (None,) * 5  # a result split along no axis
+        assert specs(aval(f, "x"), aval(b, "y")) == [("x",) + whole[1:]] * 2
+        assert specs(aval(f, "x"), aval(b, None, "x")) == [("x",) + whole[1:]] * 2
+        assert specs(aval(f), aval(b, None, "x")) == [(None, "x") + whole[2:]] * 2
         assert specs(aval(f, None, None, None, "y"), aval(b, "x")) == [("x", None, None, None,
                                                                         "y")] * 2
-        assert specs(aval((3,) + f[1:], "x"), aval((3, K_SPLIT, 4), "x")) == [pooled] * 2  # 3 / 2
-        assert specs(aval(f, None, "x"), aval(b)) == [pooled] * 2  # H is never split
+        assert specs(aval((3,) + f[1:], "x"), aval((3, K_SPLIT, 4), "x")) == [whole] * 2  # 3 / 2
+        assert specs(aval(f, None, "x"), aval(b)) == [whole] * 2  # H is never split
 
     @check
     def export_sharded():
